@@ -1,0 +1,1 @@
+"""The corral command line, runtime engine, chat store and locations."""

@@ -1,0 +1,84 @@
+"""The `corral` command line: one group, one module per subcommand, one place that turns errors into exits."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from corral.convert.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorralError
+
+from . import ui
+
+
+class CorralGroup(click.Group):
+    """A click group that prints a one-line error (traceback only with --debug) and exits non-zero."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or "--debug" in sys.argv[1:2]
+        try:
+            return super().invoke(ctx)
+        except CorralError as exc:
+            if debug:
+                traceback.print_exc()
+            ui.error(str(exc))
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            ui.error("interrupted")
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MemoryError:
+            ui.error("out of memory")
+            ctx.exit(EXIT_RUNTIME)
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            ui.error(f"{where}{exc.strerror or exc}")
+            ctx.exit(EXIT_RUNTIME)
+
+
+@click.group(cls=CorralGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="corral")
+def cli(debug: bool) -> None:
+    """corral: run Llama 3.1 405B (and 70B, 8B) on the machine you have.
+
+    convert Hugging Face weights to GGUF, quantize them with llama.cpp, plan where
+    every tensor goes (GPUs, RAM, disk), then chat or ask one-shot questions.
+    """
+
+
+def _register() -> None:
+    from .cmd_ask import ask
+    from .cmd_chat import chat
+    from .cmd_convert import convert
+    from .cmd_demo import demo
+    from .cmd_download import download
+    from .cmd_info import info
+    from .cmd_plan import plan
+    from .cmd_quantize import quantize
+
+    for command in (plan, convert, quantize, download, info, ask, chat, demo):
+        cli.add_command(command)
+
+
+_register()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    cli(prog_name="corral")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,94 @@
+"""Terminal output helpers for the CLI: stderr messages, byte formatting, progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from corral.convert.progress import ProgressFn
+
+_stderr = Console(stderr=True, highlight=False)
+
+
+def stderr() -> Console:
+    return _stderr
+
+
+def error(message: str) -> None:
+    """One line on stderr, no traceback."""
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    _stderr.print(f"[bold red]error:[/] {first}", markup=True, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    _stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    _stderr.print(message, soft_wrap=True)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"  # pragma: no cover
+
+
+@contextmanager
+def byte_progress(description: str, *, enabled: bool = True) -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr with bytes, speed and ETA; yields a ProgressFn."""
+    if not enabled:
+        yield lambda done, total, what="": None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total or None, description=f"{description} {what}".rstrip())
+
+        yield update
+
+
+@contextmanager
+def count_progress(description: str, *, enabled: bool = True) -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr counting items (tensors, tokens)."""
+    if not enabled:
+        yield lambda done, total, what="": None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total or None, description=f"{description} {what}".rstrip())
+
+        yield update

@@ -1,0 +1,1 @@
+"""Hardware probe, model profiles, memory model and offload planning (pure core: no CLI, no printing)."""
