@@ -1,0 +1,154 @@
+"""`corral ask`: Answer one prompt with a local GGUF model and exit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from corral.convert.errors import Cancelled, ContextOverflow, UsageError
+
+from . import ui
+from .engine_api import Message
+from .model_options import ModelArgs, model_options, pop_model_args
+
+
+def read_prompt(argument: str | None, stdin: Any) -> str:
+    """The prompt: stdin (when piped, or when the argument is '-') before the argument, like ollama."""
+    piped = ""
+    if argument == "-" or not _is_tty(stdin):
+        piped = stdin.read() if stdin is not None else ""
+    parts = [p for p in (piped.strip("\n"), argument if argument not in (None, "-") else "") if p and p.strip()]
+    text = "\n\n".join(parts)
+    if not text.strip():
+        raise UsageError("no prompt: give it as an argument or pipe it on stdin")
+    return text
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextmanager
+def interrupt_sets(cancel: threading.Event) -> Iterator[None]:
+    """While inside: Ctrl-C / SIGTERM set `cancel` (a second Ctrl-C raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _reserve(max_tokens: int, n_ctx: int) -> int:
+    """Tokens kept free for the reply when --truncate shortens the prompt."""
+    wanted = max_tokens if max_tokens > 0 else 256
+    return max(1, min(wanted, n_ctx // 4))
+
+
+@click.command("ask")
+@click.argument("prompt", required=False)
+@model_options()
+@click.option("--truncate", is_flag=True, help="If the prompt is longer than the context, drop its oldest text.")
+@click.option("--no-stream", is_flag=True, help="Print the reply when it is complete instead of as it comes.")
+@click.option("--json", "json_", is_flag=True, help="Print the reply and timings as one JSON object.")
+def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, **params: Any) -> None:
+    """Answer one prompt with a local GGUF model and exit.
+
+    The prompt comes from the argument, from stdin, or both (stdin first). The model loads
+    with corral's offload plan applied; flags such as --ngl or --ctx override the plan.
+    Ctrl-C stops the reply between tokens (exit 130, partial text kept).
+    """
+    args = pop_model_args(params)
+    text = read_prompt(prompt, click.get_text_stream("stdin"))
+    messages = ([Message("system", args.system)] if args.system else []) + [Message("user", text)]
+    cancel = threading.Event()
+    with interrupt_sets(cancel):
+        engine = _load(args, cancel)
+        try:
+            _answer(engine, args, messages, cancel, truncate=truncate, stream=not (no_stream or json_), json_=json_)
+        finally:
+            engine.close()
+
+
+def _load(args: ModelArgs, cancel: threading.Event) -> Any:
+    from corral.convert.gguf_file import read_gguf
+
+    from .engine import load_engine, make_plan, resolve_model_path
+
+    path = resolve_model_path(args.model or "")
+    model_file = read_gguf(path)
+    plan = make_plan(path, args.engine, model_file)
+    headline = getattr(plan, "headline", "")
+    if headline:
+        ui.note(f"[dim]plan:[/] {headline}")
+    with ui.count_progress(f"loading {path.name}") as bar:
+        engine = load_engine(path, args.engine, plan=plan, model_file=model_file, cancel=cancel,
+                             progress=lambda f: bar(int(f * 100), 100, ""))
+    for message in engine.warnings:
+        ui.warn(message)
+    return engine
+
+
+def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threading.Event, *, truncate: bool,
+            stream: bool, json_: bool) -> None:
+    n_prompt = engine.count_prompt_tokens(messages)
+    reserve = _reserve(args.sampling.max_tokens, engine.n_ctx)
+    if n_prompt >= engine.n_ctx or (truncate and n_prompt > engine.n_ctx - reserve):
+        if not truncate:
+            raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context window is {engine.n_ctx} tokens "
+                                  f"(use --ctx to enlarge it, or --truncate to drop the oldest text)")
+        fit = engine.fit_messages(messages, reserve)
+        messages = fit.messages
+        ui.warn(f"the prompt was {n_prompt} tokens; dropped its oldest text to fit the {engine.n_ctx}-token context "
+                f"(now {fit.prompt_tokens} tokens, {reserve} left for the reply)")
+    out = sys.stdout
+    wrote: list[str] = []
+
+    def on_text(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+        wrote.append(piece)
+
+    result = engine.generate(messages, args.sampling, on_text=on_text if stream else None, cancel=cancel)
+    stats = result.stats
+    if json_:
+        click.echo(json.dumps({
+            "model": engine.model_name,
+            "text": result.text,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "prompt_seconds": round(stats.prompt_seconds, 6),
+            "generation_seconds": round(stats.generation_seconds, 6),
+            "tokens_per_second": round(stats.tokens_per_second, 3),
+            "stop_reason": stats.stop_reason,
+        }, ensure_ascii=False))
+    elif stream:
+        if not result.text.endswith("\n"):
+            out.write("\n")
+        out.flush()
+    else:
+        click.echo(result.text)
+    if args.engine.verbose:
+        ui.note(f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prompt_seconds:.2f} s, "
+                f"{stats.completion_tokens} generated at {stats.tokens_per_second:.2f} tok/s ({stats.stop_reason})[/]")
+    if stats.stop_reason == "cancelled":
+        raise Cancelled("interrupted; the reply so far is above")

@@ -1,0 +1,111 @@
+"""`corral chat`: Chat with a local GGUF model in a terminal UI."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from corral.convert.errors import CorralError, EngineError, UsageError
+
+from . import ui
+from .model_options import model_options, pop_model_args
+from .store import ChatStore
+
+
+def _list(store: ChatStore, as_json: bool) -> None:
+    rows = store.list_conversations()
+    if as_json:
+        click.echo(json.dumps([
+            {"id": r.id, "title": r.title, "model": r.model, "messages": r.n_messages, "updated_at": r.updated_at}
+            for r in rows
+        ], indent=2))
+        return
+    if not rows:
+        ui.note(f"no saved conversations (store: {store.path})")
+        return
+    for r in rows:
+        when = _dt.datetime.fromtimestamp(r.updated_at).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{r.id:>5}  {when}  {r.n_messages:>4} msgs  {r.title}")
+
+
+def _engine_factory(model: str, args: Any) -> tuple[Callable[..., Any], str, str]:
+    """(factory for the app, model label, plan headline); the plan is made here so it can fail early."""
+    from .engine import load_engine, make_plan, resolve_model_path
+
+    path = resolve_model_path(model)
+    plan = make_plan(path, args.engine)
+    headline = str(getattr(plan, "headline", "") or "")
+
+    def factory(progress: Callable[[float], None], cancel: threading.Event) -> Any:
+        return load_engine(path, args.engine, progress=progress, cancel=cancel, plan=plan)
+
+    return factory, path.name, headline
+
+
+@click.command("chat")
+@model_options(model_required=False)
+@click.option("--resume", type=int, default=None, metavar="ID", help="Resume saved conversation ID.")
+@click.option("--new", "new", is_flag=True, help="Start a new conversation (skip the conversation list).")
+@click.option("--list", "list_", is_flag=True, help="List saved conversations and exit (no model needed).")
+@click.option("--export", "export_id", type=int, default=None, metavar="ID",
+              help="Print saved conversation ID as Markdown and exit (no model needed).")
+@click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for ctrl+s exports (default: the current folder).")
+@click.option("--json", "json_", is_flag=True, help="With --list: print JSON on stdout.")
+def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, export_dir: Path | None,
+         json_: bool, **params: Any) -> None:
+    """Chat with a local GGUF model in a terminal UI."""
+    store = ChatStore()
+    try:
+        if list_:
+            _list(store, json_)
+            return
+        if export_id is not None:
+            click.echo(store.export_markdown(export_id), nl=False)
+            return
+        args = pop_model_args(params)
+        if not args.model:
+            raise UsageError("missing -m/--model MODEL.gguf")
+        if resume is not None:
+            store.get(resume)  # a bad id fails here, before the model loads
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise UsageError("corral chat needs a terminal; use `corral ask` in scripts and pipes")
+        factory, label, headline = _engine_factory(args.model, args)
+        _run_app(factory, store, args, label, headline, resume, new, export_dir)
+    finally:
+        store.close()
+
+
+def _run_app(factory: Callable[..., Any], store: ChatStore, args: Any, label: str, headline: str,
+             resume: int | None, new: bool, export_dir: Path | None) -> None:
+    from corral.tui.app import make_app
+
+    app = make_app(
+        factory,
+        store,
+        args.sampling,
+        system_prompt=args.system or "",
+        model_label=label,
+        load_detail=headline,
+        conversation_id=resume,
+        show_list_at_start=not new and resume is None,
+        export_dir=export_dir,
+    )
+    try:
+        app.run()
+    finally:
+        app.shutdown()
+    failure = app.failure
+    if failure is not None:
+        if isinstance(failure, CorralError):
+            raise failure
+        if isinstance(failure, KeyboardInterrupt):
+            raise failure
+        raise EngineError(f"model load failed: {failure}") from failure

@@ -1,0 +1,482 @@
+"""The runtime: load a GGUF with the offload plan applied and stream chat replies through llama.cpp.
+
+`load_engine` validates the file's header, asks the planner where everything goes, refuses a
+model that will not fit (unless forced), fills llama.cpp's parameter structs from the plan
+(including tensor buffer-type overrides, which the high-level `Llama` cannot take) and reports
+load progress. `LlamaEngine.generate` formats the conversation with the model's own chat
+template (sandboxed), decodes the prompt, then runs a tight sample/decode loop over
+llama.cpp's C API: no per-token work beyond sampling, one piece of text for streaming and a
+check of the cancel flag, so Ctrl-C stops between tokens. At temperature 0 the tokens are
+exactly those of llama-cpp-python's `create_chat_completion` (same template, same sampler chain).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from corral.convert.errors import (
+    Cancelled,
+    ContextOverflow,
+    CorralError,
+    DoesNotFit,
+    EngineError,
+    InputNotFound,
+    UsageError,
+)
+from corral.convert.gguf_file import read_gguf
+
+from .chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, drop_oldest_turns
+from .engine_api import Generation, GenerationStats, Message, SamplingSettings, StopReason
+from .engine_native import LOG, build_params, init_backend, kv_type_id
+from .engine_native import lc as _lc
+
+# llama-cpp-python's defaults for create_chat_completion's sampler chain (mirrored so seeded runs match too).
+TOP_K = 40
+MIN_P = 0.05
+_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """User overrides on top of the plan (None = the plan decides)."""
+
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    kv_type: str = "f16"
+    force: bool = False
+    verbose: bool = False
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A conversation cut down to fit the context: what was kept and what was dropped."""
+
+    messages: list[Message]
+    prompt_tokens: int
+    dropped_messages: int = 0
+    dropped_tokens: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped_messages > 0 or self.dropped_tokens > 0
+
+
+@dataclass(frozen=True)
+class _LocalPlan:
+    """A CPU-only stand-in used when the planner package is unavailable."""
+
+    llama_kwargs: Mapping[str, Any]
+    fits: bool = True
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
+    advice: str = ""
+    warnings: tuple[str, ...] = ()
+    headline: str = "CPU only (no planner available)"
+    devices: tuple[Any, ...] = ()
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A GGUF path as given, or a file/folder name under corral's models directory."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        from .locations import data_dir
+
+        for candidate in (data_dir() / "models" / str(model), data_dir() / "models" / f"{model}.gguf"):
+            if candidate.exists():
+                path = candidate
+                break
+        else:
+            raise InputNotFound(f"model file not found: {model}", path=None)
+    if path.is_dir():
+        ggufs = sorted(p for p in path.glob("*.gguf") if "-of-" not in p.name or "-00001-of-" in p.name)
+        if len(ggufs) != 1:
+            raise UsageError(f"{path}: expected one .gguf model in the folder, found {len(ggufs)}")
+        path = ggufs[0]
+    return path
+
+
+def make_plan(path: Path, options: EngineOptions, model_file: Any = None) -> Any:
+    """The offload plan for `path` under `options` (the planner's, or a CPU-only stand-in)."""
+    try:
+        from corral.offload.api import PlanOptions, plan_model
+    except ImportError:
+        n_train = int((model_file.arch_key("{arch}.context_length", 4096) if model_file else 4096) or 4096)
+        kwargs: dict[str, Any] = {"n_ctx": options.n_ctx or min(4096, n_train), "n_gpu_layers": 0}
+        return _LocalPlan(llama_kwargs=kwargs)
+    import dataclasses
+
+    wanted = {"n_ctx": options.n_ctx, "ctx": options.n_ctx, "n_threads": options.n_threads,
+              "threads": options.n_threads, "n_gpu_layers": options.n_gpu_layers, "ngl": options.n_gpu_layers,
+              "kv_type": options.kv_type, "use_mmap": options.use_mmap, "use_mlock": options.use_mlock}
+    names = {f.name for f in dataclasses.fields(PlanOptions)} if dataclasses.is_dataclass(PlanOptions) else set()
+    plan_options = PlanOptions(**{k: v for k, v in wanted.items() if k in names and v is not None})
+    return plan_model(path, plan_options)
+
+
+def effective_kwargs(plan: Any, options: EngineOptions) -> dict[str, Any]:
+    """The plan's `Llama(**kwargs)` with the user's flags applied on top."""
+    kwargs = dict(plan.llama_kwargs)
+    if options.n_ctx is not None:
+        kwargs["n_ctx"] = options.n_ctx
+    if options.n_threads is not None:
+        kwargs["n_threads"] = options.n_threads
+        kwargs["n_threads_batch"] = options.n_threads
+    if options.n_gpu_layers is not None:
+        kwargs["n_gpu_layers"] = options.n_gpu_layers
+    if options.use_mmap is not None:
+        kwargs["use_mmap"] = options.use_mmap
+    if options.use_mlock is not None:
+        kwargs["use_mlock"] = options.use_mlock
+    if options.kv_type and options.kv_type != "f16":
+        kv_type_id(options.kv_type)  # validates the name
+        kwargs["type_k"] = kwargs["type_v"] = options.kv_type
+        kwargs["flash_attn"] = True  # llama.cpp needs flash attention for a quantized V cache
+    kwargs.setdefault("n_ctx", 4096)
+    return kwargs
+
+
+def load_engine(
+    model_path: str | Path,
+    options: EngineOptions = EngineOptions(),
+    *,
+    progress: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+    plan: Any = None,
+    model_file: Any = None,
+) -> LlamaEngine:
+    """Load a GGUF with the plan applied; `progress` gets 0..1; setting `cancel` aborts the load (Cancelled)."""
+    path = resolve_model_path(model_path)
+    if model_file is None:
+        model_file = read_gguf(path)
+    if plan is None:
+        plan = make_plan(path, options, model_file)
+    if not getattr(plan, "fits", True) and not options.force:
+        advice = getattr(plan, "advice", "") or ""
+        headline = getattr(plan, "headline", "") or "the plan says this model does not fit in RAM + VRAM + disk streaming"
+        raise DoesNotFit(f"{headline}. {advice} (pass --force to try anyway)".replace(". . ", ". "), path=path)
+    kwargs = effective_kwargs(plan, options)
+    overrides = tuple(getattr(plan, "tensor_overrides", ()) or ())
+    init_backend()
+    LOG.install()
+    LOG.verbose = options.verbose
+    native = build_params(kwargs, overrides)
+
+    failure: list[BaseException] = []
+
+    def on_progress(value: float, _user: Any) -> bool:
+        if cancel is not None and cancel.is_set():
+            return False
+        try:
+            if progress is not None:
+                progress(float(value))
+        except BaseException as exc:  # noqa: BLE001 - never let an exception cross into C
+            failure.append(exc)
+            return False
+        return True
+
+    callback = _lc.llama_progress_callback(on_progress)
+    native.model.progress_callback = callback
+    with LOG.collect() as load_log:
+        model = _lc.llama_model_load_from_file(str(path).encode("utf-8"), native.model)
+    if not model:
+        if failure:
+            raise failure[0]
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("model loading cancelled", path=path)
+        detail = LOG.last_error() or "see --verbose for llama.cpp's log"
+        raise EngineError(f"llama.cpp could not load the model: {detail}", path=path)
+    try:
+        if native.context.n_ctx == 0:
+            native.context.n_ctx = _lc.llama_model_n_ctx_train(model)
+            native.context.n_batch = min(native.context.n_ctx, native.context.n_batch)
+            native.n_batch = native.context.n_batch
+        with LOG.collect() as ctx_log:
+            ctx = _lc.llama_init_from_model(model, native.context)
+        if not ctx:
+            detail = LOG.last_error() or "out of memory?"
+            raise EngineError(f"llama.cpp could not create a {native.context.n_ctx}-token context: {detail}", path=path)
+    except BaseException:
+        _lc.llama_model_free(model)
+        raise
+    engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, llama_kwargs=kwargs,
+                         tensor_overrides=overrides, load_log=load_log + ctx_log)
+    engine.warnings.extend(str(w) for w in getattr(plan, "warnings", ()) or ())
+    if native.ignored:
+        engine.warnings.append(f"ignored plan settings this runtime does not apply: {', '.join(native.ignored)}")
+    return engine
+
+
+class LlamaEngine:
+    """A loaded llama.cpp model and context implementing `ChatEngine`."""
+
+    def __init__(self, path: Path, model: Any, ctx: Any, n_batch: int, *, plan: Any, model_file: Any,
+                 llama_kwargs: Mapping[str, Any], tensor_overrides: tuple[tuple[str, str], ...] = (),
+                 load_log: Sequence[str] = ()) -> None:
+        self.path = path
+        self.plan = plan
+        self.llama_kwargs = dict(llama_kwargs)
+        self.tensor_overrides = tensor_overrides
+        self.load_log = list(load_log)
+        self.warnings: list[str] = []
+        self._model = model
+        self._ctx = ctx
+        self._vocab = _lc.llama_model_get_vocab(model)
+        self._n_batch = n_batch
+        self._lock = threading.Lock()
+        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
+        self.n_ctx = int(_lc.llama_n_ctx(ctx))
+        self.n_ctx_train = int(_lc.llama_model_n_ctx_train(model))
+        self.model_name = str(model_file.get("general.name") or path.stem)
+        self.bos_id = int(_lc.llama_vocab_bos(self._vocab))
+        self.eos_id = int(_lc.llama_vocab_eos(self._vocab))
+        self._add_bos = bool(_lc.llama_vocab_get_add_bos(self._vocab))
+        bos_text = self.token_text(self.bos_id) if self.bos_id >= 0 else ""
+        eos_text = self.token_text(self.eos_id) if self.eos_id >= 0 else ""
+        self.formatter = ChatFormatter(model_file.get("tokenizer.chat_template"), bos_token=bos_text,
+                                       eos_token=eos_text, warnings=self.warnings)
+        self.stop_ids = self._stop_ids()
+        self.last_prompt_tokens: list[int] = []
+        self.last_completion_tokens: list[int] = []
+        self.last_stop_token: int | None = None
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- tokens -------------------------------------------------------------------------------
+    def token_text(self, token: int) -> str:
+        return (_lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (_lc.llama_token * size)()
+        n = _lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
+        if n < 0:
+            size = -n
+            buf = (_lc.llama_token * size)()
+            n = _lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
+            if n < 0:
+                raise EngineError(f"llama.cpp could not tokenize {len(data)} bytes of text")
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = _lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return ctypes.string_at(buf, n)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="ignore")
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = {t for t in (self.eos_id, int(_lc.llama_vocab_eot(self._vocab))) if t >= 0}
+        for text in LLAMA3_STOP_TEXTS:
+            found = self.tokenize(text, parse_special=True)
+            if len(found) == 1 and found[0] >= 0:
+                ids.add(found[0])
+        return frozenset(ids)
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The formatted conversation as tokens: template text, BOS exactly once."""
+        text = self.formatter.format(messages)
+        bos_text = self.token_text(self.bos_id) if self.bos_id >= 0 else ""
+        add_bos = self._add_bos and not (bos_text and text.startswith(bos_text))
+        tokens = self.tokenize(text, add_special=add_bos, parse_special=True)
+        while len(tokens) >= 2 and tokens[0] == tokens[1] == self.bos_id:
+            del tokens[0]
+        return tokens
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.prompt_tokens(messages))
+
+    def fit_messages(self, messages: Sequence[Message], reserve: int) -> FitResult:
+        """Drop the oldest turns, then the oldest text of the last one, until the prompt leaves `reserve` tokens."""
+        limit = self.n_ctx - max(1, reserve)
+        kept, dropped = drop_oldest_turns(messages, lambda ms: self.count_prompt_tokens(ms) <= limit)
+        count = self.count_prompt_tokens(kept)
+        cut_tokens = 0
+        for _ in range(4):
+            if count <= limit:
+                break
+            i = max(i for i, m in enumerate(kept) if m.role != "system") if any(m.role != "system" for m in kept) else -1
+            if i < 0:
+                break
+            body = self.tokenize(kept[i].content, parse_special=False)
+            excess = count - limit + 2
+            if excess >= len(body):
+                break
+            kept[i] = replace(kept[i], content=self.detokenize(body[excess:]))
+            cut_tokens += excess
+            count = self.count_prompt_tokens(kept)
+        if count > limit:
+            raise ContextOverflow(f"even after dropping older text the prompt is {count} tokens; the context "
+                                  f"window of {self.n_ctx} tokens leaves {limit} for it")
+        return FitResult(kept, count, dropped, cut_tokens)
+
+    # -- generation ---------------------------------------------------------------------------
+    def _sampler(self, settings: SamplingSettings) -> Any:
+        chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
+        if settings.temperature <= 0:
+            _lc.llama_sampler_chain_add(chain, _lc.llama_sampler_init_greedy())
+            return chain
+        seed = _RANDOM_SEED if settings.seed is None else settings.seed & 0xFFFFFFFF
+        for sampler in (_lc.llama_sampler_init_top_k(TOP_K), _lc.llama_sampler_init_top_p(settings.top_p, 1),
+                        _lc.llama_sampler_init_min_p(MIN_P, 1), _lc.llama_sampler_init_temp(settings.temperature),
+                        _lc.llama_sampler_init_dist(seed)):
+            _lc.llama_sampler_chain_add(chain, sampler)
+        return chain
+
+    def _reuse_prefix(self, prompt: Sequence[int]) -> int:
+        """Keep the cached KV of the longest common prefix (at least one prompt token is always decoded)."""
+        same = 0
+        for a, b in zip(self._cached, prompt):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(prompt) - 1)
+        mem = _lc.llama_get_memory(self._ctx)
+        if same > 0 and _lc.llama_memory_seq_rm(mem, -1, same, -1):
+            del self._cached[same:]
+            return same
+        _lc.llama_memory_clear(mem, True)
+        self._cached = []
+        return 0
+
+    def generate(self, messages: Sequence[Message], settings: SamplingSettings, *,
+                 on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Generation:
+        """Stream the assistant's reply to `messages`; stops at an end-of-turn token, max_tokens, or `cancel`."""
+        with self._lock:
+            return self._generate(self.prompt_tokens(messages), settings, on_text, cancel)
+
+    def generate_from_tokens(self, prompt: Sequence[int], settings: SamplingSettings, *,
+                             on_text: Callable[[str], None] | None = None,
+                             cancel: threading.Event | None = None) -> Generation:
+        """Like `generate`, for an already tokenized prompt."""
+        with self._lock:
+            return self._generate(list(prompt), settings, on_text, cancel)
+
+    def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
+                  cancel: threading.Event | None) -> Generation:
+        if self._ctx is None:
+            raise EngineError("the model has been closed")
+        n_prompt = len(prompt)
+        if n_prompt == 0:
+            raise UsageError("the prompt is empty")
+        if n_prompt >= self.n_ctx:
+            raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context window holds {self.n_ctx}")
+        room = self.n_ctx - n_prompt
+        max_new = room if settings.max_tokens <= 0 else min(settings.max_tokens, room)
+        self.last_prompt_tokens, self.last_completion_tokens, self.last_stop_token = prompt, [], None
+
+        t0 = time.perf_counter()
+        aborted = self._decode_prompt(prompt, cancel)
+        t1 = time.perf_counter()
+        if aborted:
+            return Generation("", GenerationStats(n_prompt, 0, t1 - t0, 0.0, "cancelled"))
+
+        chain = self._sampler(settings)
+        ctx, vocab, stops = self._ctx, self._vocab, self.stop_ids
+        sample, decode, is_eog = _lc.llama_sampler_sample, _lc.llama_decode, _lc.llama_vocab_is_eog
+        piece, decoder = self.piece, codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        one = (_lc.llama_token * 1)()
+        batch = _lc.llama_batch_get_one(one, 1)
+        out: list[int] = self.last_completion_tokens
+        parts: list[str] = []
+        reason: StopReason = "length"
+        try:
+            while True:
+                token = sample(chain, ctx, -1)
+                if token in stops or is_eog(vocab, token):
+                    self.last_stop_token = token
+                    reason = "stop"
+                    break
+                out.append(token)
+                text = decoder.decode(piece(token))
+                if text:
+                    parts.append(text)
+                    if on_text is not None:
+                        on_text(text)
+                if len(out) >= max_new:
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                one[0] = token
+                rc = decode(ctx, batch)
+                if rc != 0:
+                    self._cached = []
+                    raise EngineError(f"llama.cpp failed to decode a token (code {rc})")
+                self._cached.append(token)
+        finally:
+            _lc.llama_sampler_free(chain)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            parts.append(tail)
+            if on_text is not None:
+                on_text(tail)
+        t2 = time.perf_counter()
+        stats = GenerationStats(n_prompt, len(out), t1 - t0, t2 - t1, reason)
+        return Generation("".join(parts), stats)
+
+    def _decode_prompt(self, prompt: list[int], cancel: threading.Event | None) -> bool:
+        """Decode the prompt (reusing the cached prefix) in n_batch chunks; True if cancelled."""
+        start = self._reuse_prefix(prompt)
+        todo = prompt[start:]
+        arr = (_lc.llama_token * len(todo))(*todo)
+        abort_cb = None
+        if cancel is not None:
+            abort_cb = _lc.ggml_abort_callback(lambda _data: cancel.is_set())
+            _lc.llama_set_abort_callback(self._ctx, abort_cb, None)
+        try:
+            for i in range(0, len(todo), self._n_batch):
+                if cancel is not None and cancel.is_set():
+                    return True
+                n = min(self._n_batch, len(todo) - i)
+                ptr = ctypes.cast(ctypes.byref(arr, i * ctypes.sizeof(_lc.llama_token)), ctypes.POINTER(_lc.llama_token))
+                rc = _lc.llama_decode(self._ctx, _lc.llama_batch_get_one(ptr, n))
+                if rc != 0:
+                    self._reuse_prefix([])  # the KV cache state is unknown now: clear it
+                    if cancel is not None and cancel.is_set():
+                        return True
+                    raise EngineError(f"llama.cpp failed to decode the prompt (code {rc}): "
+                                      f"{LOG.last_error() or 'out of memory or context full?'}")
+                self._cached.extend(todo[i:i + n])
+        finally:
+            if abort_cb is not None:
+                _lc.llama_set_abort_callback(self._ctx, _lc.ggml_abort_callback(), None)
+        return False
+
+    def close(self) -> None:
+        """Free the context and the model."""
+        with self._lock:
+            if self._ctx is not None:
+                _lc.llama_free(self._ctx)
+                self._ctx = None
+            if self._model is not None:
+                _lc.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+__all__ = ["CorralError", "EngineOptions", "FitResult", "LlamaEngine", "effective_kwargs", "load_engine",
+           "make_plan", "resolve_model_path"]

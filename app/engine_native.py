@@ -1,0 +1,253 @@
+"""The ctypes layer under the engine: llama.cpp parameters from plan kwargs, ggml devices, log capture.
+
+llama-cpp-python's high-level `Llama` has no parameter for tensor buffer-type overrides or a
+load progress callback, so corral fills `llama_model_params` / `llama_context_params` itself
+from the plan's `llama_kwargs` (the same names and defaults `Llama(...)` uses, so a plan means
+the same thing to both), and builds the NULL-terminated `tensor_buft_overrides` array with
+buffer types from ggml's backend device API.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from gguf import GGMLQuantizationType
+
+from corral.convert.errors import EngineError, UsageError
+
+import llama_cpp  # noqa: I001 - loads libllama before the symbols below are bound
+from llama_cpp import llama_cpp as lc
+
+_lib = lc._lib
+
+# ggml backend device API (ggml-backend.h), resolved through libllama's handle (it links libggml).
+_dev_count = ctypes.CFUNCTYPE(ctypes.c_size_t)(("ggml_backend_dev_count", _lib))
+_dev_get = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t)(("ggml_backend_dev_get", _lib))
+_dev_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_dev_name", _lib))
+_dev_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(("ggml_backend_dev_type", _lib))
+_dev_buft = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_backend_dev_buffer_type", _lib))
+_buft_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_buft_name", _lib))
+
+DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+KV_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def init_backend() -> None:
+    """llama_backend_init once per process."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    kind: str
+    buffer_type: str
+
+
+def devices() -> list[Device]:
+    """ggml's registered backend devices (CPU always; CUDA0.. when built with CUDA)."""
+    init_backend()
+    found = []
+    for i in range(_dev_count()):
+        dev = _dev_get(i)
+        found.append(Device(i, (_dev_name(dev) or b"?").decode(), DEVICE_TYPES.get(_dev_type(dev), "?"),
+                            (_buft_name(_dev_buft(dev)) or b"?").decode()))
+    return found
+
+
+def _buffer_type_for(device_name: str) -> int:
+    for i in range(_dev_count()):
+        dev = _dev_get(i)
+        if (_dev_name(dev) or b"").decode().lower() == device_name.lower():
+            return int(_dev_buft(dev))
+    names = ", ".join(d.name for d in devices())
+    raise EngineError(f"the plan puts tensors on device {device_name!r}, which this llama.cpp build does not have "
+                      f"(devices: {names})")
+
+
+class TensorOverrides:
+    """A NULL-terminated `llama_model_tensor_buft_override` array that owns its strings."""
+
+    class _Entry(ctypes.Structure):
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        init_backend()
+        limit = lc.llama_max_tensor_buft_overrides()
+        if len(pairs) >= limit:
+            raise EngineError(f"the plan has {len(pairs)} tensor overrides; llama.cpp takes at most {limit - 1}")
+        self.pairs = tuple(pairs)
+        self._patterns = [p.encode("utf-8") for p, _ in pairs]
+        self.array = (self._Entry * (len(pairs) + 1))()
+        for i, ((_, device), pattern) in enumerate(zip(pairs, self._patterns)):
+            self.array[i].pattern = pattern
+            self.array[i].buft = _buffer_type_for(device)
+        self.array[len(pairs)].pattern = None
+        self.array[len(pairs)].buft = None
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.array)
+
+
+def kv_type_id(kv_type: str | int) -> int:
+    """'q8_0' -> GGML_TYPE_Q8_0; ints pass through."""
+    if isinstance(kv_type, int):
+        return kv_type
+    name = str(kv_type).lower()
+    if name not in KV_TYPES:
+        raise UsageError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+    return int(GGMLQuantizationType[name.upper()])
+
+
+_MODEL_KEYS = {"n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "vocab_only"}
+_CONTEXT_KEYS = {"n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "type_k", "type_v", "flash_attn",
+                 "offload_kqv", "op_offload", "swa_full", "rope_freq_base", "rope_freq_scale", "rope_scaling_type",
+                 "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "no_perf"}
+_IGNORED_KEYS = {"seed", "verbose", "chat_format", "numa", "last_n_tokens_size", "logits_all", "embedding"}
+
+
+@dataclass
+class NativeParams:
+    """Filled llama.cpp parameter structs plus the ctypes objects they point into (kept alive here)."""
+
+    model: Any
+    context: Any
+    n_batch: int
+    ignored: list[str] = field(default_factory=list)
+    keep: list[Any] = field(default_factory=list)
+
+
+def build_params(kwargs: Mapping[str, Any], overrides: Sequence[tuple[str, str]] = ()) -> NativeParams:
+    """Translate `Llama(**kwargs)`-style settings to llama.cpp structs, with Llama's own defaults."""
+    mp = lc.llama_model_default_params()
+    cp = lc.llama_context_default_params()
+    keep: list[Any] = []
+    ignored = sorted(k for k in kwargs if k not in _MODEL_KEYS | _CONTEXT_KEYS)
+    unknown = [k for k in ignored if k not in _IGNORED_KEYS]
+
+    ngl = int(kwargs.get("n_gpu_layers", 0))
+    mp.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
+    mp.split_mode = int(kwargs.get("split_mode", lc.LLAMA_SPLIT_MODE_LAYER))
+    mp.main_gpu = int(kwargs.get("main_gpu", 0))
+    split = kwargs.get("tensor_split")
+    if split:
+        n_max = lc.llama_max_devices()
+        if len(split) > n_max:
+            raise EngineError(f"tensor_split has {len(split)} entries; this llama.cpp build supports {n_max} devices")
+        arr = (ctypes.c_float * n_max)(*[float(x) for x in split])
+        keep.append(arr)
+        mp.tensor_split = arr
+    mp.vocab_only = bool(kwargs.get("vocab_only", False))
+    use_mmap, use_mlock = bool(kwargs.get("use_mmap", True)), bool(kwargs.get("use_mlock", False))
+    mp.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap and use_mlock else lc.LLAMA_LOAD_MODE_MLOCK
+                    if use_mlock else lc.LLAMA_LOAD_MODE_MMAP if use_mmap else lc.LLAMA_LOAD_MODE_NONE)
+    if overrides:
+        table = TensorOverrides(overrides)
+        keep.append(table)
+        mp.tensor_buft_overrides = table.address
+
+    n_ctx = int(kwargs.get("n_ctx", 512))
+    n_batch = min(n_ctx, int(kwargs.get("n_batch", 512))) if n_ctx > 0 else int(kwargs.get("n_batch", 512))
+    cpus = os.cpu_count() or 1
+    cp.n_ctx = n_ctx
+    cp.n_batch = n_batch
+    cp.n_ubatch = min(n_batch, int(kwargs.get("n_ubatch", 512)))
+    cp.n_threads = int(kwargs.get("n_threads") or max(cpus // 2, 1))
+    cp.n_threads_batch = int(kwargs.get("n_threads_batch") or cpus)
+    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if kwargs.get("flash_attn") else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.offload_kqv = bool(kwargs.get("offload_kqv", True))
+    for key in ("type_k", "type_v"):
+        if kwargs.get(key) is not None:
+            setattr(cp, key, kv_type_id(kwargs[key]))
+    for key in ("op_offload", "swa_full", "no_perf"):
+        if kwargs.get(key) is not None:
+            setattr(cp, key, bool(kwargs[key]))
+    for key in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
+                "yarn_beta_slow"):
+        if kwargs.get(key) is not None:
+            setattr(cp, key, float(kwargs[key]))
+    for key in ("rope_scaling_type", "yarn_orig_ctx"):
+        if kwargs.get(key) is not None:
+            setattr(cp, key, int(kwargs[key]))
+    return NativeParams(model=mp, context=cp, n_batch=n_batch, ignored=unknown, keep=keep)
+
+
+class LogCapture:
+    """Routes llama.cpp's log through Python: recent lines kept for diagnostics, echoed when verbose."""
+
+    _LEVEL_CONT = 5
+    _LEVEL_DEBUG = 4
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.lines: deque[str] = deque(maxlen=4000)
+        self._partial = ""
+        self._listeners: list[list[str]] = []
+        self._lock = threading.Lock()
+        self._callback = lc.llama_log_callback(self._on_log)
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            lc.llama_log_set(self._callback, ctypes.c_void_p(0))
+            self._installed = True
+
+    def _on_log(self, level: int, text: bytes | None, user_data: Any) -> None:
+        if not text:
+            return
+        chunk = text.decode("utf-8", errors="replace")
+        if self.verbose:
+            sys.stderr.write(chunk)
+            sys.stderr.flush()
+        with self._lock:
+            self._partial += chunk
+            if "\n" not in self._partial:
+                return
+            *done, self._partial = self._partial.split("\n")
+            for line in done:
+                self.lines.append(line)
+                for sink in self._listeners:
+                    sink.append(line)
+
+    @contextmanager
+    def collect(self) -> Iterator[list[str]]:
+        """Collect every log line emitted inside the block."""
+        sink: list[str] = []
+        with self._lock:
+            self._listeners.append(sink)
+        try:
+            yield sink
+        finally:
+            with self._lock:
+                self._listeners.remove(sink)
+
+    def last_error(self) -> str | None:
+        """The most recent line that looks like a llama.cpp error, for error messages."""
+        for line in reversed(self.lines):
+            low = line.lower()
+            if "error" in low or "failed" in low or "unable" in low:
+                return line.strip()
+        return None
+
+
+LOG = LogCapture()
+
+__all__ = ["LOG", "Device", "NativeParams", "TensorOverrides", "build_params", "devices", "init_backend",
+           "kv_type_id", "llama_cpp"]

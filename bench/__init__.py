@@ -1,0 +1,1 @@
+"""Benchmarks: corral against its reference, measured in the same run (results in BENCHMARKS.md)."""

@@ -1,0 +1,438 @@
+"""HF Llama checkpoint -> GGUF, streaming tensor by tensor with bounded memory.
+
+Public API:
+- `convert_checkpoint(src, out, outtype=, split_max_size=, force=, progress=) -> ConvertResult`
+- `open_checkpoint(src) -> Checkpoint` (re-exported from hf_checkpoint)
+- `gguf_metadata(ckpt, outtype="auto") -> list[(key, value, GGUFValueType)]`: exactly the KV pairs written.
+- `plan_tensors(ckpt, outtype) -> list[TensorPlan]`: every output tensor (name, GGUF shape, type, bytes) in order.
+- `iter_tensor_chunks(ckpt, plan) -> Iterator[np.ndarray | FileRange]`: one tensor's output bytes in
+  row chunks of at most CHUNK_ELEMENTS values (bounded memory even for 405B embeddings).
+- `iter_gguf_tensors(ckpt, outtype) -> Iterator[GGUFTensorOut]`: whole tensors, one at a time, in
+  output order; `GGUFTensorOut.as_float32()` gives float32 values. Use outtype="f32" to get the
+  unrounded float32 weights (what a quantizer wants).
+Write your own GGUF from these with `gguf_writer.GGUFStreamWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
+
+from . import llama_tensors as lt
+from .errors import InvalidConfig, InvalidSafetensors, UsageError
+from .fp8 import dequantize_rows
+from .ggml_q8 import quantize_q8_0
+from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
+from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint
+from .progress import ProgressFn
+from .safetensors_io import NUMPY_STORAGE, TensorInfo, to_float32
+from .vocab import vocab_kvs
+
+__all__ = [
+    "CHUNK_ELEMENTS", "Checkpoint", "ConvertResult", "FileRange", "GGUFTensorOut", "TensorPlan",
+    "convert_checkpoint", "gguf_metadata", "iter_gguf_tensors", "iter_tensor_chunks", "open_checkpoint",
+    "plan_tensors", "resolve_ftype",
+]  # fmt: skip
+
+# Values per processing chunk: 16M values = 32 MiB of BF16 in, 64 MiB of float32 in flight.
+CHUNK_ELEMENTS = 16 * 1024 * 1024
+_SAME_BYTES = {
+    ("BF16", GGMLQuantizationType.BF16),
+    ("F16", GGMLQuantizationType.F16),
+    ("F32", GGMLQuantizationType.F32),
+}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion wrote."""
+
+    paths: tuple[Path, ...]
+    bytes_written: int
+    n_tensors: int
+    seconds: float
+    outtype: str
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes to move unchanged from a source file (no decode, no copy through Python)."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where its data comes from and how it is transformed."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order (rows first)
+    ggml_type: GGMLQuantizationType
+    src: TensorInfo | None  # None: generated (rope_freqs)
+    scale: TensorInfo | None = None  # FP8 per-row scales
+    permute_groups: int | None = None
+    generated: Any = None  # np.ndarray for generated tensors
+
+    @property
+    def shape_gguf(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return lt.tensor_nbytes(self.shape, self.ggml_type)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape_gguf, self.ggml_type, self.nbytes)
+
+
+@dataclass(frozen=True)
+class GGUFTensorOut:
+    """A whole output tensor: GGUF name, GGUF-order shape, type and data bytes (uint8/typed array)."""
+
+    name: str
+    shape_gguf: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    data: np.ndarray
+
+    def as_float32(self) -> np.ndarray:
+        """The tensor's values as float32, torch-order shape (rows first)."""
+        from gguf import quants
+
+        shape = tuple(reversed(self.shape_gguf))
+        raw = np.ascontiguousarray(self.data).view(np.uint8)
+        if self.ggml_type == GGMLQuantizationType.F32:
+            return raw.view(np.float32).reshape(shape)
+        if self.ggml_type == GGMLQuantizationType.F16:
+            return raw.view(np.float16).astype(np.float32).reshape(shape)
+        if self.ggml_type == GGMLQuantizationType.BF16:
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return np.asarray(quants.dequantize(raw.reshape(shape[0], -1), self.ggml_type), dtype=np.float32).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def resolve_ftype(ckpt: Checkpoint, outtype: str) -> LlamaFileType:
+    """--outtype -> file type; 'auto' follows the first matrix (bf16 -> BF16, f16 -> F16, else F16) like llama.cpp."""
+    key = outtype.lower()
+    if key in lt.OUTTYPES:
+        return lt.OUTTYPES[key]
+    if key != "auto":
+        raise UsageError(f"unknown outtype {outtype!r} (choose from {', '.join([*lt.OUTTYPES, 'auto'])})")
+    first = ckpt.first_matrix_dtype()
+    if first == "BF16" or ckpt.config.fp8:
+        return LlamaFileType.MOSTLY_BF16
+    return LlamaFileType.MOSTLY_F16
+
+
+def _ftype(ckpt: Checkpoint, outtype: str | LlamaFileType) -> LlamaFileType:
+    return outtype if isinstance(outtype, LlamaFileType) else resolve_ftype(ckpt, outtype)
+
+
+def plan_tensors(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto") -> list[TensorPlan]:
+    """Validate the checkpoint's tensors against config.json and plan every output tensor, in order."""
+    cfg = ckpt.config
+    ftype = _ftype(ckpt, outtype)
+    plans: list[TensorPlan] = []
+    if cfg.rope_scaling is not None:
+        factors = lt.rope_freq_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        plans.append(TensorPlan(lt.ROPE_FREQS_NAME, factors.shape, GGMLQuantizationType.F32, None, generated=factors))
+    seen: set[str] = set()
+    for name, info in ckpt.tensors.items():
+        if name.endswith(IGNORED_SUFFIXES) or name.endswith(".weight_scale"):
+            continue
+        where = info.file
+        new_name = lt.gguf_name(name, cfg.n_layers)
+        shape = lt.expected_shape(name, cfg)
+        if new_name is None or shape is None:
+            raise InvalidConfig(f"unexpected tensor {name!r} for a {cfg.n_layers}-layer Llama", path=where)
+        if info.shape != shape:
+            raise InvalidSafetensors(f"tensor {name!r} has shape {list(info.shape)}, config.json implies {list(shape)}", path=where)
+        scale = None
+        if info.dtype == "F8_E4M3":
+            if not cfg.fp8:
+                raise InvalidConfig(f"tensor {name!r} is FP8 but config.json has no fbgemm_fp8 quantization_config", path=where)
+            scale = ckpt.tensors.get(name + "_scale")
+            if scale is None:
+                raise InvalidSafetensors(f"FP8 tensor {name!r} has no {name}_scale", path=where)
+            if math.prod(scale.shape) != shape[0] or scale.dtype not in ("F32", "BF16", "F16"):
+                raise InvalidSafetensors(f"{name}_scale must be a float [{shape[0]}, 1] tensor", path=scale.file)
+        elif info.dtype not in ("BF16", "F16", "F32"):
+            raise InvalidSafetensors(f"tensor {name!r} has dtype {info.dtype}; expected BF16, F16 or F32", path=where)
+        qtype = lt.tensor_type(new_name, shape, ftype)
+        plans.append(TensorPlan(new_name, shape, qtype, info, scale, lt.permute_heads(name, cfg)))
+        seen.add(name)
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_embeddings:
+        required.append("lm_head.weight")
+    layer_parts = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                   "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+    required += [f"model.layers.{i}.{p}.weight" for i in range(cfg.n_layers) for p in layer_parts]
+    missing = [n for n in required if n not in seen]
+    if missing:
+        raise InvalidConfig(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}", path=ckpt.folder)
+    return plans
+
+
+def _param_count(plans: list[TensorPlan]) -> int:
+    return sum(math.prod(p.shape) for p in plans)
+
+
+def _size_label(plans: list[TensorPlan]) -> str | None:
+    try:
+        from gguf.utility import size_label
+
+        return size_label(_param_count(plans), _param_count(plans), 0, 0)
+    except Exception:  # pragma: no cover - provenance only
+        return None
+
+
+# generation_config.json field -> (GGUF key, type), in the order llama.cpp writes them.
+_SAMPLING = (
+    ("sequence", Keys.General.SAMPLING_SEQUENCE, GGUFValueType.STRING),
+    ("top_k", Keys.General.SAMPLING_TOP_K, GGUFValueType.INT32),
+    ("top_p", Keys.General.SAMPLING_TOP_P, GGUFValueType.FLOAT32),
+    ("min_p", Keys.General.SAMPLING_MIN_P, GGUFValueType.FLOAT32),
+    ("xtc_probability", Keys.General.SAMPLING_XTC_PROBABILITY, GGUFValueType.FLOAT32),
+    ("xtc_threshold", Keys.General.SAMPLING_XTC_THRESHOLD, GGUFValueType.FLOAT32),
+    ("temperature", Keys.General.SAMPLING_TEMP, GGUFValueType.FLOAT32),
+    ("penalty_last_n", Keys.General.SAMPLING_PENALTY_LAST_N, GGUFValueType.INT32),
+    ("penalty_repeat", Keys.General.SAMPLING_PENALTY_REPEAT, GGUFValueType.FLOAT32),
+    ("mirostat", Keys.General.SAMPLING_MIROSTAT, GGUFValueType.INT32),
+    ("mirostat_tau", Keys.General.SAMPLING_MIROSTAT_TAU, GGUFValueType.FLOAT32),
+    ("mirostat_eta", Keys.General.SAMPLING_MIROSTAT_ETA, GGUFValueType.FLOAT32),
+)
+
+
+def sampling_kvs(folder: Path) -> list[KV]:
+    """general.sampling.* defaults from generation_config.json (ignored when missing or unreadable)."""
+    try:
+        gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(gen, dict):
+        return []
+    out: list[KV] = []
+    for field, key, vtype in _SAMPLING:
+        value = gen.get("repetition_penalty") if field == "penalty_repeat" and field not in gen else gen.get(field)
+        if value is None or isinstance(value, bool):
+            continue
+        if vtype == GGUFValueType.STRING and isinstance(value, str) and value:
+            out.append((key, value, vtype))
+        elif vtype == GGUFValueType.INT32 and isinstance(value, int):
+            out.append((key, value, vtype))
+        elif vtype == GGUFValueType.FLOAT32 and isinstance(value, (int, float)):
+            out.append((key, float(value), vtype))
+    return out
+
+
+def gguf_metadata(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto", plans: list[TensorPlan] | None = None) -> list[KV]:
+    """Every GGUF key/value pair of the output file, in llama.cpp's order (no split.* keys)."""
+    cfg = ckpt.config
+    ftype = _ftype(ckpt, outtype)
+    plans = plans if plans is not None else plan_tensors(ckpt, ftype)
+    arch = lt.ARCH_NAME
+    u32, f32, s = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
+    kvs: list[KV] = [
+        (Keys.General.ARCHITECTURE, arch, s),
+        (Keys.General.TYPE, "model", s),
+    ]
+    kvs += sampling_kvs(ckpt.folder)
+    kvs.append((Keys.General.NAME, ckpt.folder.resolve().name or "model", s))
+    label = _size_label(plans)
+    if label:
+        kvs.append((Keys.General.SIZE_LABEL, label, s))
+    kvs += [
+        (Keys.LLM.BLOCK_COUNT.format(arch=arch), cfg.n_layers, u32),
+        (Keys.LLM.CONTEXT_LENGTH.format(arch=arch), cfg.max_position, u32),
+        (Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), cfg.hidden_size, u32),
+        (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), cfg.ffn, u32),
+        (Keys.Attention.HEAD_COUNT.format(arch=arch), cfg.n_heads, u32),
+        (Keys.Attention.HEAD_COUNT_KV.format(arch=arch), cfg.n_kv_heads, u32),
+        (Keys.Rope.FREQ_BASE.format(arch=arch), cfg.rope_theta, f32),
+        (Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch), cfg.rms_eps, f32),
+        (Keys.Attention.KEY_LENGTH.format(arch=arch), cfg.head_dim, u32),
+        (Keys.Attention.VALUE_LENGTH.format(arch=arch), cfg.head_dim, u32),
+        (Keys.General.FILE_TYPE, int(ftype), u32),
+        (Keys.LLM.VOCAB_SIZE.format(arch=arch), cfg.vocab_size, u32),
+        (Keys.Rope.DIMENSION_COUNT.format(arch=arch), cfg.head_dim, u32),
+        (Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, u32),
+    ]
+    kvs += vocab_kvs(ckpt.folder, cfg.vocab_size, cfg.raw)
+    return kvs
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _read_rows(fd: int, info: TensorInfo, row0: int, row1: int) -> np.ndarray:
+    """Rows [row0, row1) of a tensor, read with pread (no mapping stays resident)."""
+    row_elems = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    itemsize = NUMPY_STORAGE[info.dtype].itemsize
+    start = info.start + row0 * row_elems * itemsize
+    length = (row1 - row0) * row_elems * itemsize
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n <= 0:
+            raise InvalidSafetensors(f"file ended inside tensor {info.name!r}", path=info.file)
+        done += n
+    arr = np.frombuffer(buf, dtype=NUMPY_STORAGE[info.dtype])
+    return arr.reshape((row1 - row0, *info.shape[1:])) if len(info.shape) > 1 else arr
+
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, nearest-even, NaN quieted keeping the sign (gguf-py's rule)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    out = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    if nan.any():
+        out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return out
+
+
+def _encode(values: np.ndarray, src_dtype: str, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Source rows (storage dtype `src_dtype`, or float32 when src_dtype == 'F32') -> output bytes."""
+    if qtype == GGMLQuantizationType.BF16 and src_dtype == "BF16":
+        return values
+    if qtype == GGMLQuantizationType.F16 and src_dtype == "F16":
+        return values
+    f = to_float32(values, src_dtype)
+    if qtype == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(f, dtype=np.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return f.astype(np.float16)
+    if qtype == GGMLQuantizationType.BF16:
+        return _bf16_round(f)
+    if qtype == GGMLQuantizationType.Q8_0:
+        return quantize_q8_0(f.reshape(f.shape[0], -1))
+    raise UsageError(f"cannot write {qtype.name}")
+
+
+class _Fds:
+    """Read-only file descriptors of the source files, opened on demand."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def get(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _rows_per_chunk(plan: TensorPlan, chunk_elements: int) -> int:
+    rows = plan.shape[0]
+    row_elems = max(1, math.prod(plan.shape[1:]))
+    group = rows // plan.permute_groups if plan.permute_groups else 1
+    per = max(1, chunk_elements // row_elems) // group * group
+    return max(group, min(rows, per))
+
+
+def iter_tensor_chunks(
+    plan: TensorPlan, fds: _Fds | None = None, chunk_elements: int = CHUNK_ELEMENTS
+) -> Iterator[np.ndarray | FileRange]:
+    """The output bytes of one planned tensor as row chunks (arrays) or unchanged file ranges."""
+    if plan.src is None:
+        yield np.ascontiguousarray(plan.generated, dtype=np.float32)
+        return
+    src = plan.src
+    if (src.dtype, plan.ggml_type) in _SAME_BYTES and not plan.permute_groups and plan.scale is None:
+        yield FileRange(src.file, src.start, src.nbytes)
+        return
+    own = fds is None
+    fds = fds or _Fds()
+    try:
+        rows = plan.shape[0] if len(plan.shape) > 1 else 1
+        step = _rows_per_chunk(plan, chunk_elements) if len(plan.shape) > 1 else 1
+        for row0 in range(0, rows, step):
+            row1 = min(rows, row0 + step)
+            if len(plan.shape) > 1:
+                block = _read_rows(fds.get(src.file), src, row0, row1)
+            else:
+                block = _read_rows(fds.get(src.file), src, 0, src.shape[0])
+            dtype = src.dtype
+            if plan.permute_groups:
+                block = lt.permute_rows(block, plan.permute_groups * (row1 - row0) // rows)
+            if plan.scale is not None:
+                scale = to_float32(_read_rows(fds.get(plan.scale.file), plan.scale, row0, row1), plan.scale.dtype)
+                if plan.permute_groups:
+                    scale = lt.permute_rows(scale.reshape(row1 - row0, -1), plan.permute_groups * (row1 - row0) // rows)
+                block, dtype = dequantize_rows(block, scale), "F32"
+            yield _encode(block, dtype, plan.ggml_type)
+    finally:
+        if own:
+            fds.close()
+
+
+def iter_gguf_tensors(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto") -> Iterator[GGUFTensorOut]:
+    """Whole output tensors in file order, one at a time (memory: one tensor)."""
+    fds = _Fds()
+    try:
+        for plan in plan_tensors(ckpt, outtype):
+            parts: list[np.ndarray] = []
+            for piece in iter_tensor_chunks(plan, fds):
+                if isinstance(piece, FileRange):
+                    parts.append(np.fromfile(piece.path, dtype=np.uint8, count=piece.length, offset=piece.offset))
+                else:
+                    parts.append(np.ascontiguousarray(piece).view(np.uint8).reshape(-1))
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            yield GGUFTensorOut(plan.name, plan.shape_gguf, plan.ggml_type, data)
+    finally:
+        fds.close()
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    outtype: str = "auto",
+    split_max_size: int | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    """Convert an HF Llama checkpoint folder to GGUF at `out` (split into shards when `split_max_size`)."""
+    t0 = time.monotonic()
+    ckpt = open_checkpoint(src)
+    ftype = resolve_ftype(ckpt, outtype)
+    plans = plan_tensors(ckpt, ftype)
+    kvs = gguf_metadata(ckpt, ftype, plans)
+    fds = _Fds()
+    try:
+        with GGUFStreamWriter(
+            out, kvs, [p.spec for p in plans], split_max_size=split_max_size, force=force, progress=progress
+        ) as writer:
+            for plan in plans:
+                writer.begin_tensor(plan.name)
+                for piece in iter_tensor_chunks(plan, fds):
+                    if isinstance(piece, FileRange):
+                        writer.copy_from(fds.get(piece.path), piece.offset, piece.length)
+                    else:
+                        writer.write(piece)
+                writer.end_tensor()
+    finally:
+        fds.close()
+    name = {v: k for k, v in lt.OUTTYPES.items()}[ftype]
+    return ConvertResult(tuple(writer.paths), writer.total_bytes, len(plans), time.monotonic() - t0, name)

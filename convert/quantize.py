@@ -1,0 +1,433 @@
+"""Quantize a GGUF with llama.cpp's own `llama_model_quantize`, stoppable, atomic, with a size preview.
+
+`llama_model_quantize` blocks inside C where Python cannot deliver Ctrl-C, so it runs in a child
+process (`python -m corral.convert.quantize`) that we can terminate. The child forwards llama.cpp's
+log to its stderr; the parent counts the `[ i/ n]` tensor lines for progress and writes into a
+temporary file beside the target that is renamed only on success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gguf import GGMLQuantizationType, Keys
+
+from . import quant_rules, quant_types
+from .atomic import atomic_output, check_free_space, check_output_path, fsync_path
+from .errors import Cancelled, EngineError, ImatrixRequired, UsageError
+from .gguf_file import GGUFModelFile, read_gguf
+from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
+from .progress import ProgressFn, no_progress
+from .quant_rules import TensorSpec
+
+T = GGMLQuantizationType
+_FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+_SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+_TENSOR_LINE = re.compile(
+    r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),.*?size\s*=\s*([\d.]+) MiB"
+    r"(?:\s*->\s*([\d.]+) MiB(?:\s*\((\w+)\))?)?")
+_FAILED = re.compile(r"failed to quantize: (.*)")
+# llama-quantize records the imatrix it used in these keys (tools/quantize/quantize.cpp).
+KEY_IMATRIX_FILE = "quantize.imatrix.file"
+KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor before and after quantization."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_in: str
+    type_out: str
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What a quantization did (or, for a dry run, would do)."""
+
+    input: tuple[str, ...]
+    output: tuple[str, ...]
+    ftype: str
+    dry_run: bool
+    input_bytes: int
+    output_bytes: int
+    tensors: tuple[TensorPlan, ...]
+    imatrix: str | None = None
+    requantized: bool = False
+    seconds: float = 0.0
+    bpw: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tensors"] = [asdict(t) for t in self.tensors]
+        return data
+
+
+# ---------------------------------------------------------------- exact output size
+
+
+def kv_entry_sizes(path: Path) -> dict[str, int]:
+    """Bytes each key/value pair takes in a GGUF file's header (key string, type, value)."""
+    import mmap
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    sizes: dict[str, int] = {}
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        n_kv = struct.unpack_from("<Q", buf, 16)[0]
+        pos = 24
+
+        def skip_value(vtype: int, pos: int) -> int:
+            if vtype in scalar:
+                return pos + scalar[vtype]
+            if vtype == 8:  # string
+                return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+            if vtype == 9:  # array
+                etype, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if etype in scalar:
+                    return pos + count * scalar[etype]
+                for _ in range(count):
+                    pos = skip_value(etype, pos)
+                return pos
+            raise UsageError(f"unknown GGUF value type {vtype}")
+
+        for _ in range(n_kv):
+            start = pos
+            klen = struct.unpack_from("<Q", buf, pos)[0]
+            key = bytes(buf[pos + 8:pos + 8 + klen]).decode("utf-8", "replace")
+            vtype = struct.unpack_from("<I", buf, pos + 8 + klen)[0]
+            pos = skip_value(vtype, pos + 12 + klen)
+            sizes[key] = pos - start
+    return sizes
+
+
+def _u32_kv_bytes(key: str) -> int:
+    return 8 + len(key.encode()) + 4 + 4
+
+
+def _str_kv_bytes(key: str, value: str) -> int:
+    return 8 + len(key.encode()) + 4 + 8 + len(value.encode())
+
+
+def imatrix_kv_overrides(imatrix: Imatrix | None) -> list[tuple[str, str | int]]:
+    """The keys llama-quantize adds to record the imatrix (values cut to 127 bytes as it does)."""
+    if imatrix is None:
+        return []
+    out: list[tuple[str, str | int]] = [(KEY_IMATRIX_FILE, str(imatrix.path)[:127])]
+    if imatrix.datasets:
+        out.append((KEY_IMATRIX_DATASET, imatrix.datasets[0][:127]))
+    out.append((KEY_IMATRIX_ENTRIES, len(imatrix)))
+    if imatrix.chunk_count > 0:
+        out.append((KEY_IMATRIX_CHUNKS, imatrix.chunk_count))
+    return out
+
+
+def output_kv_bytes(model: GGUFModelFile, overrides: list[tuple[str, str | int]], *, shard: int = 0,
+                    n_shards: int = 1) -> int:
+    """Header + key/value bytes of the quantized file llama.cpp writes (or of one of its shards)."""
+    header = 24
+    extra: dict[str, int] = {}
+    if n_shards > 1:
+        extra = {Keys.Split.LLM_KV_SPLIT_NO: 8 + len("split.no") + 4 + 2,
+                 Keys.Split.LLM_KV_SPLIT_COUNT: 8 + len("split.count") + 4 + 2,
+                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: 8 + len("split.tensors.count") + 4 + 4}
+    if shard > 0:
+        return header + sum(extra.values())
+    sizes = kv_entry_sizes(model.files[0])
+    for key in (*_SPLIT_KEYS, Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE):
+        sizes.pop(key, None)
+    sizes[Keys.General.QUANTIZATION_VERSION] = _u32_kv_bytes(Keys.General.QUANTIZATION_VERSION)
+    sizes[Keys.General.FILE_TYPE] = _u32_kv_bytes(Keys.General.FILE_TYPE)
+    for key, value in overrides:
+        sizes[key] = _str_kv_bytes(key, value) if isinstance(value, str) else _u32_kv_bytes(key)
+    sizes.update(extra)
+    return header + sum(sizes.values())
+
+
+def _pad(n: int, alignment: int = quant_rules.GGUF_ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _specs(model: GGUFModelFile) -> list[TensorSpec]:
+    return [TensorSpec(t.name, t.shape, t.ggml_type) for t in model.tensors]
+
+
+def _hparams(model: GGUFModelFile) -> quant_rules.ModelHParams:
+    inferred = quant_rules.infer_hparams(_specs(model), model.architecture)
+
+    def key(name: str, default: int) -> int:
+        value = model.arch_key(name, default)
+        return int(value[0] if isinstance(value, list) else value)
+
+    return quant_rules.ModelHParams(
+        n_layer=key(Keys.LLM.BLOCK_COUNT, inferred.n_layer),
+        n_head=key(Keys.Attention.HEAD_COUNT, inferred.n_head),
+        n_head_kv=key(Keys.Attention.HEAD_COUNT_KV, key(Keys.Attention.HEAD_COUNT, inferred.n_head_kv)),
+        n_expert=key(Keys.LLM.EXPERT_COUNT, inferred.n_expert),
+        arch=model.architecture,
+    )
+
+
+def plan_tensors(model: GGUFModelFile, ftype: str, *, has_imatrix: bool, keep_split: bool = False
+                 ) -> list[TensorPlan]:
+    """Per-tensor target types (quant_rules) in the order llama.cpp writes them."""
+    specs = _specs(model)
+    if keep_split:
+        index = {p: i for i, p in enumerate(model.files)}
+        specs = [TensorSpec(t.name, t.shape, t.ggml_type)
+                 for t in sorted(model.tensors, key=lambda t: (index[t.file], t.offset))]
+    else:
+        specs = quant_rules.llama_cpp_order(specs)
+    types = quant_rules.target_types(specs, ftype, has_imatrix=has_imatrix, hparams=_hparams(model),
+                                     file_order=keep_split)
+    return [TensorPlan(s.name, s.shape, s.ggml_type.name, types[s.name].name,
+                       quant_rules.tensor_nbytes(s.shape, s.ggml_type), quant_rules.tensor_nbytes(s.shape, types[s.name]))
+            for s in specs]
+
+
+def predict_output_bytes(model: GGUFModelFile, plans: list[TensorPlan], overrides: list[tuple[str, str | int]],
+                         *, keep_split: bool = False) -> list[int]:
+    """Exact size of each output file llama.cpp will write."""
+    if not keep_split or len(model.files) == 1:
+        groups = [plans]
+    else:
+        where = {t.name: model.files.index(t.file) for t in model.tensors}
+        groups = [[p for p in plans if where[p.name] == i] for i in range(len(model.files))]
+    n = len(groups)
+    sizes = []
+    for i, group in enumerate(groups):
+        infos = sum(quant_rules.tensor_info_bytes(p.name, p.shape) for p in group)
+        meta = output_kv_bytes(model, overrides, shard=i, n_shards=n) + infos
+        sizes.append(_pad(meta) + sum(_pad(p.bytes_out) for p in group))
+    return sizes
+
+
+# ---------------------------------------------------------------- the run
+
+
+def split_output_paths(out: Path, n: int) -> list[Path]:
+    """llama.cpp's shard names for `out` (llama_split_path: PREFIX-00001-of-0000N.gguf)."""
+    prefix = str(out)[:-5] if str(out).endswith(".gguf") else str(out)
+    return [Path(f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def quantize_gguf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    ftype: str,
+    imatrix: str | Path | Imatrix | None = None,
+    threads: int = 0,
+    force: bool = False,
+    dry_run: bool = False,
+    keep_split: bool = False,
+    allow_requantize: bool = False,
+    progress: ProgressFn = no_progress,
+) -> QuantizeResult:
+    """Quantize `src` (a GGUF, or the first shard of a split) to `out` with llama.cpp's quantizer."""
+    info = quant_types.file_type(ftype)
+    model = read_gguf(src)
+    imat = load_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
+    keep_split = keep_split and len(model.files) > 1
+    specs = _specs(model)
+    quantized_in = sorted({t.ggml_type.name for t in model.tensors if t.ggml_type not in _FLOAT_TYPES})
+    plans = plan_tensors(model, info.name, has_imatrix=imat is not None, keep_split=keep_split)
+    requant = any(p.type_in != p.type_out and p.type_in in quantized_in for p in plans)
+    if requant and not allow_requantize:
+        raise UsageError(f"input is already quantized ({', '.join(quantized_in)}); requantizing loses quality "
+                         "- quantize from the BF16/F16 GGUF, or pass --allow-requantize", path=src)
+    needing = quant_rules.tensors_needing_imatrix(specs, info.ftype, hparams=_hparams(model))
+    if needing and imat is None and not dry_run:
+        raise ImatrixRequired(
+            f"{info.name} needs an importance matrix (--imatrix FILE, a .dat or .gguf imatrix for this model): "
+            f"{WHERE_TO_GET}")
+    if imat is not None and not dry_run:
+        _check_imatrix_covers(imat, model, plans, info.name)
+    if dry_run:
+        plans = _apply_reported(plans, llama_dry_run(model.files[0], info.name, imatrix=imat.path if imat else None))
+    overrides = imatrix_kv_overrides(imat)
+    sizes = predict_output_bytes(model, plans, overrides, keep_split=keep_split)
+    n_weights = sum(t.n_elements for t in model.tensors)
+    out = Path(out)
+    targets = split_output_paths(out, len(sizes)) if keep_split else [out]
+    result = QuantizeResult(
+        input=tuple(str(p) for p in model.files), output=tuple(str(p) for p in targets), ftype=info.name,
+        dry_run=dry_run, input_bytes=model.file_bytes, output_bytes=sum(sizes), tensors=tuple(plans),
+        imatrix=str(imat.path) if imat else None, requantized=requant,
+        bpw=sum(p.bytes_out for p in plans) * 8 / max(n_weights, 1))
+    if dry_run:
+        return result
+    for target in targets:
+        check_output_path(target, force=force)
+        if target.resolve() in {p.resolve() for p in model.files}:
+            raise UsageError("output would overwrite the input", path=target)
+    check_free_space(out.parent if str(out.parent) else Path("."), sum(sizes))
+    start = time.monotonic()
+    job = {"src": str(model.files[0]), "ftype": int(info.ftype), "threads": int(threads),
+           "imatrix": str(imat.path) if imat else None, "keep_split": keep_split,
+           "allow_requantize": allow_requantize, "dry_run": False, "overrides": overrides}
+    if keep_split:
+        _run_split(job, out, targets, progress, len(plans))
+    else:
+        with atomic_output(out) as tmp:
+            job["out"] = str(tmp)
+            run_child(job, progress, len(plans))
+    return replace(result, seconds=time.monotonic() - start, output_bytes=sum(p.stat().st_size for p in targets))
+
+
+def _apply_reported(plans: list[TensorPlan], reported: dict[str, tuple[str, str]]) -> list[TensorPlan]:
+    """Prefer the types llama.cpp's own dry run reports (they agree with quant_rules when both are right)."""
+    out = []
+    for p in plans:
+        got = reported.get(p.name)
+        if got and got[1] in T.__members__ and got[1] != p.type_out:
+            new = T[got[1]]
+            p = replace(p, type_out=new.name, bytes_out=quant_rules.tensor_nbytes(p.shape, new))
+        out.append(p)
+    return out
+
+
+def _check_imatrix_covers(imat: Imatrix, model: GGUFModelFile, plans: list[TensorPlan], ftype: str) -> None:
+    """Fail early, with a clear message, where llama.cpp would stop half-way."""
+    shapes = {t.name: t.shape for t in model.tensors}
+    for p in plans:
+        if p.type_in == p.type_out:
+            continue
+        values = imat.get(p.name)
+        shape = shapes[p.name]
+        if values is not None and p.name != "token_embd.weight":
+            imat.for_tensor(p.name, shape[0], shape[2] if len(shape) > 2 else 1)
+        if values is None and quant_rules.requires_imatrix(p.name, T[p.type_out], ftype):
+            raise ImatrixRequired(f"the importance matrix has no entry for {p.name}, which {ftype} "
+                                  "quantizes to " + p.type_out + " (is it for this model?)", path=imat.path)
+
+
+def _run_split(job: dict[str, Any], out: Path, targets: list[Path], progress: ProgressFn, total: int) -> None:
+    prefix = out.parent / f".{out.stem}.{uuid.uuid4().hex[:8]}.corral-tmp"
+    temps = split_output_paths(prefix.with_name(prefix.name + ".gguf"), len(targets))
+    try:
+        job["out"] = str(prefix) + ".gguf"
+        run_child(job, progress, total)
+        for tmp in temps:
+            fsync_path(tmp)
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: int = 0) -> list[str]:
+    """Run llama_model_quantize in a child process; return its log lines. Ctrl-C stops it."""
+    cmd = [sys.executable, "-m", "corral.convert.quantize", json.dumps(job)]
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            lines.append(line)
+            match = _TENSOR_LINE.search(line)
+            if match:
+                progress(int(match.group(1)), int(match.group(2)) or total, match.group(3))
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise Cancelled("quantization interrupted; nothing was written") from None
+    if rc != 0:
+        failed = [m.group(1) for m in map(_FAILED.search, lines) if m]
+        reason = failed[-1].strip() if failed else (lines[-1] if lines else f"exit status {rc}")
+        raise EngineError(f"llama.cpp could not quantize: {reason}")
+    return lines
+
+
+def parse_tensor_lines(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """{name: (type_in, type_out)} from llama.cpp's per-tensor log lines (dry run or real run)."""
+    result = {}
+    for line in lines:
+        m = _TENSOR_LINE.search(line)
+        if m:
+            type_in = m.group(4).upper()
+            conv = re.search(r"converting to (\w+)", line)
+            type_out = (m.group(7) or (conv.group(1) if conv else None) or m.group(4)).upper()
+            result[m.group(3)] = (type_in, type_out)
+    return result
+
+
+def llama_dry_run(src: str | Path, ftype: str, *, imatrix: str | Path | None = None) -> dict[str, tuple[str, str]]:
+    """llama.cpp's own dry run: {tensor: (type_in, type_out)} as it reports them."""
+    info = quant_types.file_type(ftype)
+    job = {"src": str(src), "out": os.devnull, "ftype": int(info.ftype), "threads": 1,
+           "imatrix": str(imatrix) if imatrix else None, "keep_split": False, "allow_requantize": True,
+           "dry_run": True, "overrides": []}
+    return parse_tensor_lines(run_child(job))
+
+
+# ---------------------------------------------------------------- child process
+
+
+def _child_main(job: dict[str, Any]) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    from .imatrix import LlamaImatrixData
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+        sys.stderr.flush()
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = job["ftype"]
+    params.nthread = job["threads"]
+    params.keep_split = job["keep_split"]
+    params.allow_requantize = job["allow_requantize"]
+    params.dry_run = job["dry_run"]
+    keep: list[Any] = []
+    if job["imatrix"]:
+        data = LlamaImatrixData(load_imatrix(job["imatrix"]))
+        keep.append(data)
+        params.imatrix = ctypes.cast(data.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if job["overrides"]:
+        kvs = (llama_cpp.llama_model_kv_override * (len(job["overrides"]) + 1))()
+        for i, (key, value) in enumerate(job["overrides"]):
+            kvs[i].key = key.encode()[:127]
+            if isinstance(value, str):
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                kvs[i].value.val_str = value.encode()[:127]
+            else:
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                kvs[i].value.val_i64 = int(value)
+        kvs[len(job["overrides"])].key = b""
+        keep.append(kvs)
+        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["out"].encode(), ctypes.byref(params))
+    sys.stderr.flush()
+    return int(rc)
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through run_child
+    sys.exit(_child_main(json.loads(sys.argv[1])))

@@ -1,0 +1,225 @@
+"""plan_model(): the one entry point: (model, options, hardware) -> Plan. Pure apart from hardware detection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from corral.convert.errors import UsageError
+
+from . import memory, throughput
+from .gpus import human
+from .hardware import Hardware, detect_hardware
+from .plan import Plan
+from .profile import ModelProfile, load_profile
+from .solver import Costs, Placement, Settings, solve
+
+BASE_CTX = 4096  # the context every plan is first solved at; auto-fit then grows it while nothing degrades
+MIN_CTX = 256
+LLAMA_SPLIT_MODE_LAYER = 1
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked for; None means 'choose for me'."""
+
+    n_ctx: int | None = None
+    kv_type: str = "f16"
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int | None = None
+    quant: str | None = None
+    n_gpu_layers: int | None = None
+    flash_attn: bool | None = None
+
+
+def plan_model(model: str | Path, options: PlanOptions = PlanOptions(), hardware: Hardware | None = None) -> Plan:
+    """Plan where every tensor of `model` goes on `hardware` (detected when None)."""
+    profile, notes = load_profile(model, options.quant)
+    if hardware is None:
+        hardware = detect_hardware(profile.files[0] if profile.files else None)
+    path = str(profile.files[0]) if profile.files else None
+    return plan_profile(profile, options, hardware, notes=notes, model_path=path)
+
+
+def _validate(o: PlanOptions) -> None:
+    memory.kv_type(o.kv_type)
+    if o.n_ctx is not None and o.n_ctx < 1:
+        raise UsageError("--ctx must be positive")
+    if o.n_batch < 1 or o.n_ubatch < 1:
+        raise UsageError("--batch and --ubatch must be positive")
+    if o.n_threads is not None and o.n_threads < 1:
+        raise UsageError("--threads must be positive")
+    if o.kv_type != "f16" and o.flash_attn is False:
+        raise UsageError(f"a {o.kv_type} KV cache needs flash attention (llama.cpp refuses a quantized V cache "
+                         "without it)")
+
+
+def plan_profile(profile: ModelProfile, options: PlanOptions, hw: Hardware, *, notes: list[str] | None = None,
+                 model_path: str | None = None) -> Plan:
+    """The planner proper, for an already-built profile (no file access)."""
+    _validate(options)
+    warnings = list(notes or [])
+    costs = Costs(profile)
+    flash = True if options.flash_attn is None else options.flash_attn
+    base = Settings(n_ctx=MIN_CTX, kv_type=options.kv_type.lower(), n_batch=options.n_batch,
+                    n_ubatch=options.n_ubatch, flash_attn=flash, n_gpu_layers=options.n_gpu_layers)
+
+    def at(ctx: int, repack: bool = True) -> Placement:
+        nb, nu = memory.batches(ctx, options.n_batch, options.n_ubatch)
+        return solve(profile, hw, replace(base, n_ctx=ctx, n_batch=nb, n_ubatch=nu, repack=repack), costs)
+
+    limit = memory.pad_ctx(profile.n_ctx_train)
+    if options.n_ctx is not None:
+        ctx = memory.pad_ctx(options.n_ctx)
+        if ctx > limit:
+            warnings.append(f"context cut from {options.n_ctx} to the model's limit of {profile.n_ctx_train}")
+            ctx = limit
+        placement = at(ctx)
+        if not placement.fits and placement.repack:
+            placement = at(ctx, repack=False)
+    else:
+        placement = _auto_ctx(at, limit, warnings)
+    speed = throughput.estimate(profile, hw, placement, threads=_threads(options, hw))
+    return _build(profile, hw, options, placement, speed, warnings, model_path)
+
+
+def _no_worse(p: Placement, ref: Placement) -> bool:
+    return (p.fits and p.n_full >= ref.n_full and p.n_attn_only >= ref.n_attn_only
+            and p.disk_stream_bytes <= ref.disk_stream_bytes and p.swap_bytes <= ref.swap_bytes)
+
+
+def _auto_ctx(at: Any, limit: int, warnings: list[str]) -> Placement:
+    """Largest context (multiple of 256, up to the model's limit) that costs no GPU layers, no extra disk
+    streaming and no swap compared with a BASE_CTX plan; below BASE_CTX only when that is all that fits."""
+    start = min(BASE_CTX, limit)
+    ref = at(start)
+    if not ref.fits and ref.repack:
+        ref = at(start, repack=False)
+    if ref.fits:
+        lo, hi = start // memory.CTX_PAD, limit // memory.CTX_PAD
+        best = ref
+        repack = ref.repack or not any(d.repack_bytes for d in ref.devices)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            p = at(mid * memory.CTX_PAD, repack)
+            if _no_worse(p, ref):
+                lo, best = mid, p
+            else:
+                hi = mid - 1
+        return best
+    lo, hi = 1, start // memory.CTX_PAD - 1
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = at(mid * memory.CTX_PAD, False)
+        if p.fits:
+            best, lo = p, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        return ref
+    warnings.append(f"context cut to {best.settings.n_ctx} tokens: that is all that fits")
+    return best
+
+
+def _threads(o: PlanOptions, hw: Hardware) -> int:
+    return o.n_threads or max(1, hw.cpu_cores)
+
+
+def _build(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement, speed: throughput.Speed,
+           warnings: list[str], model_path: str | None) -> Plan:
+    s = p.settings
+    threads = _threads(o, hw)
+    kv_id = int(memory.kv_type(s.kv_type))
+    split = tuple(float(x) for x in p.gpu_counts) if hw.gpus and p.n_gpu_layers else ()
+    overrides = ()
+    if p.attn_only_layers:
+        ids = "|".join(str(i) for i in p.attn_only_layers)
+        overrides = ((rf"blk\.({ids})\.ffn_(up|down|gate)\.weight", "CPU"),)
+    kwargs: dict[str, Any] = {
+        "n_ctx": s.n_ctx, "n_gpu_layers": p.n_gpu_layers, "n_batch": s.n_batch, "n_ubatch": s.n_ubatch,
+        "n_threads": threads, "n_threads_batch": max(threads, hw.cpu_threads if o.n_threads is None else threads),
+        "type_k": kv_id, "type_v": kv_id, "flash_attn": s.flash_attn, "use_mmap": True, "use_mlock": False,
+    }
+    if split:
+        kwargs.update(tensor_split=list(split), main_gpu=0, split_mode=LLAMA_SPLIT_MODE_LAYER)
+    cli = [*(["-m", model_path] if model_path else []), "-c", str(s.n_ctx), "-ngl", str(p.n_gpu_layers),
+           "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(threads),
+           "-tb", str(kwargs["n_threads_batch"]), "-fa", "on" if s.flash_attn else "off"]
+    if s.kv_type != "f16":
+        cli += ["-ctk", s.kv_type, "-ctv", s.kv_type]
+    if split:
+        cli += ["-sm", "layer", "-mg", "0", "-ts", ",".join(str(int(x)) for x in split)]
+    for regex, dev in overrides:
+        cli += ["-ot", f"{regex}={dev}"]
+    use_extra = p.settings.repack
+    if not use_extra:
+        cli.append("--no-repack")
+    warnings += _warnings(profile, hw, p, speed)
+    advice = _advice(profile, hw, o, p, speed)
+    return Plan(
+        model=profile.name, model_path=model_path, source=profile.source, quant=profile.quant,
+        file_bytes=profile.file_bytes, n_params=profile.n_params, fits=p.fits, why=p.why, n_ctx=s.n_ctx,
+        n_ctx_train=profile.n_ctx_train, n_gpu_layers=p.n_gpu_layers, n_layers=profile.n_layer + 1,
+        kv_type=s.kv_type, flash_attn=s.flash_attn, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
+        use_extra_bufts=use_extra, tensor_split=split, tensor_overrides=overrides, llama_kwargs=kwargs,
+        llama_cli_args=cli, tokens_per_second=speed.tokens_per_second,
+        prompt_tokens_per_second=speed.prompt_tokens_per_second, disk_stream_bytes=p.disk_stream_bytes,
+        devices=p.devices, warnings=tuple(dict.fromkeys(warnings)), advice=tuple(advice),
+        headline=_headline(profile, p, speed), hardware_source=hw.source, time_per_token=speed.seconds_by_tier,
+    )
+
+
+def _headline(profile: ModelProfile, p: Placement, speed: throughput.Speed) -> str:
+    parts = []
+    for d in p.devices:
+        if d.kind == "gpu" and d.weights_bytes:
+            parts.append(f"{human(d.total_bytes)} on {d.name}")
+        elif d.kind == "cpu" and d.total_bytes:
+            parts.append(f"{human(d.total_bytes)} in RAM")
+        elif d.kind == "disk":
+            parts.append(f"{human(d.weights_bytes)} streamed from disk")
+    ctx = p.settings.n_ctx
+    ctx_s = f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx)
+    tps = speed.tokens_per_second
+    rate = f"{tps:.0f}" if tps >= 10 else f"{tps:.1f}" if tps >= 0.1 else f"{tps:.2f}"
+    verdict = "" if p.fits else " — DOES NOT FIT"
+    return f"{profile.name} {profile.quant}: {', '.join(parts)}, ~{rate} tok/s at {ctx_s} context{verdict}"
+
+
+def _warnings(profile: ModelProfile, hw: Hardware, p: Placement, speed: throughput.Speed) -> list[str]:
+    out = []
+    if p.disk_stream_bytes:
+        sec = p.disk_stream_bytes / hw.disk_bandwidth
+        out.append(f"{human(p.disk_stream_bytes)} of weights do not fit in RAM and will be read from disk for "
+                   f"EVERY token (~{sec:.1f} s per token at {hw.disk_bandwidth / 1e9:.1f} GB/s)")
+    if p.swap_bytes:
+        out.append(f"{human(p.swap_bytes)} beyond available RAM would go to swap: expect heavy slowdowns")
+    if not p.fits:
+        out.append(f"does not fit: {p.why}")
+    if profile.n_ctx_train and p.settings.n_ctx < min(profile.n_ctx_train, BASE_CTX):
+        out.append(f"context is only {p.settings.n_ctx} tokens")
+    if not hw.bandwidth_measured and hw.source == "detected":
+        out.append("bandwidths are typical values, not measured on this machine")
+    return out
+
+
+def _advice(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement,
+            speed: throughput.Speed) -> list[str]:
+    out = []
+    if p.disk_stream_bytes:
+        out.append(f"add {human(p.disk_stream_bytes)} of RAM, or use a smaller quant (--best-quant), to stop "
+                   "streaming from disk")
+    if p.settings.kv_type == "f16" and (p.disk_stream_bytes or not p.fits or p.n_full < profile.n_layer + 1
+                                         and hw.gpus):
+        out.append("--kv-type q8_0 halves the KV cache (q4_0 quarters it)")
+    if hw.gpus and p.n_full < profile.n_layer + 1:
+        missing = sum(d.weights_bytes for d in p.devices if d.kind in ("cpu", "disk"))
+        out.append(f"{human(missing)} more GPU memory would put every layer on GPU")
+    if not hw.gpus and profile.n_layer > 40:
+        out.append("a GPU holding even a few layers (attention + KV) speeds up generation")
+    if o.n_ctx and p.settings.n_ctx > BASE_CTX and (not p.fits or p.disk_stream_bytes):
+        out.append(f"a smaller --ctx (e.g. {BASE_CTX}) frees {human(p.kv_layer_bytes * profile.n_layer)} of KV")
+    return out

@@ -1,0 +1,390 @@
+"""What machine we plan for: GPUs (NVML), RAM and swap (psutil), CPU features, free disk, measured bandwidths."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from corral.convert.errors import InputNotFound, InvalidFile, UsageError
+
+from .gpus import GB, GiB, GPUSpec, find_gpu
+
+# Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
+DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read
+DEFAULT_DISK_BANDWIDTH = 1.0e9  # a mid-range NVMe drive under page-cache reads
+DEFAULT_GPU_BANDWIDTH = 500e9
+BANDWIDTH_CACHE_FILE = "bandwidth.json"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU as the planner sees it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    bandwidth: float = DEFAULT_GPU_BANDWIDTH
+    bandwidth_known: bool = False
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Everything the planner needs to know about a machine (frozen; what-if flags build modified copies)."""
+
+    gpus: tuple[GPU, ...] = ()
+    ram_total: int = 16 * GiB
+    ram_available: int = 12 * GiB
+    swap_total: int = 0
+    swap_free: int = 0
+    cpu_cores: int = 4
+    cpu_threads: int = 8
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)
+    cpu_name: str = "unknown CPU"
+    disk_free: int | None = None
+    ram_bandwidth: float = DEFAULT_RAM_BANDWIDTH
+    disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH
+    bandwidth_measured: bool = False
+    source: str = "detected"
+
+    @property
+    def has_avx2(self) -> bool:
+        return "avx2" in self.cpu_flags
+
+    @property
+    def has_avx512(self) -> bool:
+        return "avx512f" in self.cpu_flags
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cpu_flags"] = sorted(self.cpu_flags)
+        data["gpus"] = [asdict(g) for g in self.gpus]
+        return data
+
+
+def hardware_from_json(data: dict[str, Any]) -> Hardware:
+    """Build Hardware from a dict (as written by `to_json` or by hand); unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise InvalidFile("hardware description must be a JSON object")
+    known = set(Hardware.__dataclass_fields__)
+    extra = set(data) - known
+    if extra:
+        raise InvalidFile(f"unknown hardware keys: {', '.join(sorted(extra))}")
+    values = dict(data)
+    gpus = []
+    for i, g in enumerate(values.pop("gpus", []) or []):
+        if not isinstance(g, dict) or "total_bytes" not in g:
+            raise InvalidFile(f"gpus[{i}] needs at least total_bytes")
+        g = {"index": i, "name": f"GPU{i}", **g}
+        g.setdefault("free_bytes", g["total_bytes"])
+        gpus.append(GPU(**{k: g[k] for k in g if k in GPU.__dataclass_fields__}))
+    values["gpus"] = tuple(gpus)
+    values["cpu_flags"] = frozenset(values.get("cpu_flags", ()))
+    try:
+        return Hardware(**values)
+    except TypeError as exc:
+        raise InvalidFile(f"bad hardware description: {exc}") from None
+
+
+def load_hardware_file(path: str | Path) -> Hardware:
+    """Read a `--hardware FILE.json` description."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFound("no such hardware file", path=p)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidFile(f"not valid JSON: {exc}", path=p) from None
+    try:
+        return replace(hardware_from_json(data), source=f"file {p.name}")
+    except InvalidFile as exc:
+        raise InvalidFile(str(exc), path=p) from None
+
+
+# ---------------------------------------------------------------- probing
+
+def probe_gpus() -> tuple[GPU, ...]:
+    """Every NVIDIA GPU via NVML (nvidia-ml-py); () when there is no driver or no GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return ()
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: simply no GPUs
+        return ()
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append(gpu_from_probe(i, name, int(mem.total), int(mem.free), _nvml_bandwidth(pynvml, handle)))
+    except Exception:
+        return tuple(gpus)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return tuple(gpus)
+
+
+def _nvml_bandwidth(pynvml: Any, handle: Any) -> float | None:
+    """Peak bandwidth from max memory clock × bus width (2 transfers per clock), when NVML reports both."""
+    try:
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        if clock_mhz and bus_bits:
+            return clock_mhz * 1e6 * 2 * bus_bits / 8
+    except Exception:
+        pass
+    return None
+
+
+def gpu_from_probe(index: int, name: str, total: int, free: int, nvml_bw: float | None = None) -> GPU:
+    """A detected GPU, bandwidth from the known-card table first, NVML clocks second."""
+    card = find_gpu(name)
+    if card is not None:
+        return GPU(index, name, total, free, card.bandwidth, True)
+    if nvml_bw:
+        return GPU(index, name, total, free, nvml_bw, True)
+    return GPU(index, name, total, free)
+
+
+def cpu_info() -> tuple[frozenset[str], str]:
+    """CPU feature flags and model name from /proc/cpuinfo (empty on other systems)."""
+    flags: frozenset[str] = frozenset()
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags" and not flags:
+                    flags = frozenset(value.split())
+                elif key == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                if flags and name != "unknown CPU":
+                    break
+    except OSError:
+        pass
+    return flags, name
+
+
+def cache_dir() -> Path:
+    """corral's cache folder (same rule as corral.app.locations: CORRAL_HOME, then XDG_CACHE_HOME)."""
+    home = os.environ.get("CORRAL_HOME")
+    if home:
+        return Path(home).expanduser() / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "corral"
+
+
+def detect_hardware(model_path: str | Path | None = None, *, measure: bool = True,
+                    cache: Path | None = None) -> Hardware:
+    """Probe this machine; bandwidths come from the cache, measured once (~1-2 s) when `measure`."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    sw = psutil.swap_memory()
+    flags, name = cpu_info()
+    threads = os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or threads
+    where = Path(model_path) if model_path else Path.cwd()
+    disk_free = _disk_free(where)
+    bw = measure_bandwidth(where, cache=cache) if measure else cached_bandwidth(where, cache=cache)
+    return Hardware(
+        gpus=probe_gpus(),
+        ram_total=int(vm.total),
+        ram_available=int(vm.available),
+        swap_total=int(sw.total),
+        swap_free=int(sw.free),
+        cpu_cores=int(cores),
+        cpu_threads=int(threads),
+        cpu_flags=flags,
+        cpu_name=name,
+        disk_free=disk_free,
+        ram_bandwidth=bw.get("ram", DEFAULT_RAM_BANDWIDTH),
+        disk_bandwidth=bw.get("disk", DEFAULT_DISK_BANDWIDTH),
+        bandwidth_measured="ram" in bw,
+        source="detected",
+    )
+
+
+def _disk_free(path: Path) -> int | None:
+    import shutil
+
+    p = path if path.is_dir() else path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- bandwidth
+
+def _disk_key(path: Path) -> str:
+    p = path if path.exists() else path.parent
+    try:
+        return f"disk:{os.stat(p).st_dev}"
+    except OSError:
+        return "disk:unknown"
+
+
+def _read_cache(cache: Path | None) -> dict[str, Any]:
+    f = (cache or cache_dir()) / BANDWIDTH_CACHE_FILE
+    try:
+        data = json.loads(f.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_bandwidth(path: str | Path | None = None, *, cache: Path | None = None) -> dict[str, float]:
+    """Bandwidths measured earlier on this machine ({} when never measured)."""
+    data = _read_cache(cache)
+    out: dict[str, float] = {}
+    if isinstance(data.get("ram"), (int, float)):
+        out["ram"] = float(data["ram"])
+    key = _disk_key(Path(path) if path else Path.cwd())
+    if isinstance(data.get(key), (int, float)):
+        out["disk"] = float(data[key])
+    return out
+
+
+def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = None,
+                      force: bool = False) -> dict[str, float]:
+    """RAM read and disk read bandwidth (bytes/s), measured once per machine/filesystem and cached as JSON."""
+    where = Path(path) if path else Path.cwd()
+    have = {} if force else cached_bandwidth(where, cache=cache)
+    if "ram" in have and "disk" in have:
+        return have
+    data = _read_cache(cache)
+    if "ram" not in have:
+        have["ram"] = measure_ram_bandwidth()
+        data["ram"] = have["ram"]
+    if "disk" not in have:
+        disk = measure_disk_bandwidth(where)
+        if disk:
+            have["disk"] = disk
+            data[_disk_key(where)] = disk
+    folder = cache or cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as fh:
+            json.dump(data, fh)
+        os.replace(fh.name, folder / BANDWIDTH_CACHE_FILE)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return have
+
+
+def measure_ram_bandwidth(nbytes: int = 256 * 1024**2, seconds: float = 0.4) -> float:
+    """Read bandwidth of a large array sum (numpy, one thread): a floor for what decode threads reach."""
+    import numpy as np
+
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    a.sum()  # fault the pages in
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        a.sum()
+        dt = time.perf_counter() - t0
+        best = max(best, nbytes / dt)
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+def measure_disk_bandwidth(path: Path, nbytes: int = 128 * 1024**2, seconds: float = 1.0) -> float | None:
+    """Cold sequential read speed: the model file itself if big enough, else a scratch file (page cache dropped)."""
+    target = path if path.is_file() and path.stat().st_size >= nbytes else None
+    scratch = None
+    folder = path if path.is_dir() else path.parent
+    try:
+        if target is None:
+            if not folder.is_dir():
+                return None
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".corral-bw-")
+            scratch = Path(name)
+            chunk = os.urandom(1024 * 1024)
+            with os.fdopen(fd, "wb") as fh:
+                for _ in range(nbytes // len(chunk)):
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            target = scratch
+        return _timed_cold_read(target, nbytes, seconds)
+    except OSError:
+        return None
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+
+
+def _timed_cold_read(target: Path, nbytes: int, seconds: float) -> float | None:
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        done = 0
+        t0 = time.perf_counter()
+        while done < nbytes and time.perf_counter() - t0 < seconds:
+            block = os.read(fd, 8 * 1024 * 1024)
+            if not block:
+                break
+            done += len(block)
+        dt = time.perf_counter() - t0
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return done / dt if done and dt > 0 else None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- what-if
+
+def what_if(base: Hardware, *, gpus: list[GPUSpec] | None = None, ram: int | None = None,
+            disk_read: float | None = None, cpu_only: bool = False, ram_bandwidth: float | None = None) -> Hardware:
+    """Replace parts of a detected (or file) hardware description, as the what-if flags ask."""
+    hw = base
+    changed = False
+    if cpu_only and gpus:
+        raise UsageError("--cpu-only and --gpu contradict each other")
+    if cpu_only:
+        hw, changed = replace(hw, gpus=()), True
+    if gpus:
+        hw = replace(hw, gpus=tuple(
+            GPU(i, g.name, g.memory_bytes, g.memory_bytes,
+                g.bandwidth if g.bandwidth else DEFAULT_GPU_BANDWIDTH, g.bandwidth is not None)
+            for i, g in enumerate(gpus)))
+        changed = True
+    if ram is not None:
+        if ram <= 0:
+            raise UsageError("--ram must be positive")
+        # what the OS and desktop keep for themselves: ~8% (at least 1 GiB)
+        hw = replace(hw, ram_total=ram, ram_available=max(ram - max(GiB, ram // 12), ram // 2))
+        changed = True
+    if disk_read is not None:
+        hw = replace(hw, disk_bandwidth=disk_read)
+        changed = True
+    if ram_bandwidth is not None:
+        hw = replace(hw, ram_bandwidth=ram_bandwidth)
+        changed = True
+    if changed and hw.source == "detected":
+        hw = replace(hw, source="what-if")
+    return hw
+
+
+__all__ = ["GB", "GPU", "Hardware", "cached_bandwidth", "detect_hardware", "hardware_from_json",
+           "load_hardware_file", "measure_bandwidth", "probe_gpus", "what_if"]

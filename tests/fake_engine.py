@@ -1,0 +1,145 @@
+"""FakeEngine: a ChatEngine for tests with queued replies, per-token delay and deterministic stats."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from corral.app.engine_api import Generation, GenerationStats, Message, SamplingSettings
+from corral.convert.errors import ContextOverflow, EngineError
+
+_PIECES = re.compile(r"\s*\S+|\s+")
+
+
+def split_tokens(text: str) -> list[str]:
+    """Word-ish pieces (leading whitespace kept) whose concatenation is `text`."""
+    return _PIECES.findall(text)
+
+
+@dataclass
+class FakePlanDevice:
+    name: str
+    kind: str  # gpu | cpu | disk, as corral.offload.plan.DevicePlan
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    capacity_bytes: int
+    overhead_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+
+@dataclass
+class FakePlan:
+    devices: list[FakePlanDevice]
+    warnings: list[str] = field(default_factory=list)
+    headline: str = "fake plan"
+    tokens_per_second: float = 0.0
+    disk_stream_bytes: int = 0
+
+
+@dataclass
+class FakeCall:
+    messages: list[Message]
+    settings: SamplingSettings
+
+
+class FakeEngine:
+    """Replies come from `replies` in order (then `default_reply`); each piece waits `token_delay` seconds.
+
+    Stats are deterministic: prompt speed `prompt_tps`, generation speed `gen_tps` (fake clocks), so
+    screens that show tok/s can be snapshot-tested. `fail` (an exception) is raised by the next generate.
+    """
+
+    def __init__(
+        self,
+        replies: Sequence[str] = (),
+        *,
+        token_delay: float = 0.0,
+        n_ctx: int = 4096,
+        model_name: str = "fake-model.gguf",
+        default_reply: str = "OK.",
+        prompt_tps: float = 200.0,
+        gen_tps: float = 50.0,
+        plan: FakePlan | None = None,
+    ) -> None:
+        self.replies: list[str] = list(replies)
+        self.token_delay = token_delay
+        self.n_ctx = n_ctx
+        self.model_name = model_name
+        self.default_reply = default_reply
+        self.prompt_tps = prompt_tps
+        self.gen_tps = gen_tps
+        self.plan = plan
+        self.calls: list[FakeCall] = []
+        self.fail: BaseException | None = None
+        self.closed = False
+        self.started = threading.Event()  # set when a generation emits its first piece
+        self._busy = threading.Lock()
+
+    def queue(self, *replies: str) -> None:
+        self.replies.extend(replies)
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
+        """4 tokens of template per message plus one per word-ish piece."""
+        return sum(4 + len(split_tokens(m.content)) for m in messages) + 1
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        settings: SamplingSettings,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        if self.closed:
+            raise EngineError("engine is closed")
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("FakeEngine.generate called concurrently")
+        try:
+            self.calls.append(FakeCall(list(messages), settings))
+            if self.fail is not None:
+                exc, self.fail = self.fail, None
+                raise exc
+            prompt_tokens = self.count_prompt_tokens(messages)
+            if prompt_tokens >= self.n_ctx:
+                raise ContextOverflow(f"prompt is {prompt_tokens} tokens; the context holds {self.n_ctx}")
+            reply = self.replies.pop(0) if self.replies else self.default_reply
+            pieces = split_tokens(reply)
+            room = self.n_ctx - prompt_tokens
+            limit = min(settings.max_tokens, room) if settings.max_tokens > 0 else room
+            out: list[str] = []
+            reason = "stop"
+            for index, piece in enumerate(pieces):
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if index >= limit:
+                    reason = "length"
+                    break
+                out.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+                self.started.set()
+                if self.token_delay:
+                    time.sleep(self.token_delay)
+            if cancel is not None and cancel.is_set() and reason == "stop" and len(out) < len(pieces):
+                reason = "cancelled"
+            stats = GenerationStats(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(out),
+                prompt_seconds=prompt_tokens / self.prompt_tps,
+                generation_seconds=len(out) / self.gen_tps,
+                stop_reason=reason,  # type: ignore[arg-type]
+            )
+            return Generation("".join(out), stats)
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,141 @@
+"""Builders shared by the quantization tests: tiny Llama GGUFs and both imatrix formats."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A miniature Llama model shape."""
+
+    hidden: int = 256
+    n_layers: int = 2
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    ffn: int = 512
+    vocab: int = 320
+    tied: bool = False
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def tensor_shapes(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape) of every tensor; numpy shape is GGUF shape reversed."""
+    hd = s.hidden // s.n_heads
+    out = [("token_embd.weight", (s.vocab, s.hidden)), ("output_norm.weight", (s.hidden,))]
+    if not s.tied:
+        out.append(("output.weight", (s.vocab, s.hidden)))
+    out.append(("rope_freqs.weight", (hd // 2,)))
+    for i in range(s.n_layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (s.hidden,)), (p + "attn_q.weight", (s.n_heads * hd, s.hidden)),
+                (p + "attn_k.weight", (s.n_kv_heads * hd, s.hidden)),
+                (p + "attn_v.weight", (s.n_kv_heads * hd, s.hidden)),
+                (p + "attn_output.weight", (s.hidden, s.n_heads * hd)), (p + "ffn_norm.weight", (s.hidden,)),
+                (p + "ffn_gate.weight", (s.ffn, s.hidden)), (p + "ffn_up.weight", (s.ffn, s.hidden)),
+                (p + "ffn_down.weight", (s.hidden, s.ffn))]
+    return out
+
+
+def write_mini_gguf(path: Path, s: Shape = Shape(), *, dtype: str = "bf16", seed: int = 0,
+                    tensor_types: dict[str, np.ndarray] | None = None) -> Path:
+    """A loadable miniature Llama GGUF (arch keys + small gpt2 vocab) with random weights."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("mini")
+    w.add_context_length(2048)
+    w.add_embedding_length(s.hidden)
+    w.add_block_count(s.n_layers)
+    w.add_feed_forward_length(s.ffn)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_dimension_count(s.hidden // s.n_heads)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s.vocab)
+    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    tokens = [f"t{i}" for i in range(s.vocab)]
+    w.add_token_list(tokens)
+    w.add_token_types([1] * s.vocab)
+    w.add_token_merges(["t 1", "t 2"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for name, shape in tensor_shapes(s):
+        data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1 or dtype == "f32":
+            w.add_tensor(name, data)
+        elif dtype == "f16":
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, _bf16(data), raw_dtype=T.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def random_imatrix(s: Shape, seed: int = 1) -> dict[str, np.ndarray]:
+    """Positive per-column weights for every 2-D weight (what llama-imatrix would average to)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in tensor_shapes(s):
+        if len(shape) == 2 and name not in ("token_embd.weight",):
+            out[name] = (rng.random(shape[1]) + 0.05).astype(np.float32)
+    return out
+
+
+def write_legacy_imatrix(path: Path, sums: dict[str, np.ndarray], ncall: int = 10, *,
+                         dataset: str | None = "wiki.train.raw") -> Path:
+    """llama.cpp's legacy .dat imatrix: values stored as mean * ncall."""
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<i", len(sums)))
+        for name, mean in sums.items():
+            raw = name.encode()
+            values = (mean * np.float32(ncall)).astype("<f4")
+            fh.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
+            fh.write(values.tobytes())
+        if dataset is not None:
+            fh.write(struct.pack("<i", 7) + struct.pack("<i", len(dataset)) + dataset.encode())
+    return path
+
+
+def write_gguf_imatrix(path: Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray], *,
+                       with_counts: bool = True) -> Path:
+    """llama.cpp's GGUF imatrix: <name>.in_sum2 [ne0, n_mat] and <name>.counts [1, n_mat]."""
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["calib.txt"])
+    w.add_uint32("imatrix.chunk_count", 12)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, values in sums.items():
+        n = counts[name]
+        w.add_tensor(name + ".in_sum2", values.reshape(n.size, -1).astype(np.float32))
+        if with_counts:
+            w.add_tensor(name + ".counts", n.reshape(n.size, 1).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_mini_gguf_is_readable(tmp_path: Path) -> None:
+    from corral.convert.gguf_file import read_gguf
+
+    path = write_mini_gguf(tmp_path / "m.gguf", Shape(n_layers=3))
+    model = read_gguf(path)
+    assert len(model.tensors) == 4 + 3 * 9
+    assert {t.ggml_type for t in model.tensors} == {T.F32, T.BF16}

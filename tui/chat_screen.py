@@ -1,0 +1,461 @@
+"""The chat screen: messages, prompt and status line; replies stream from a thread worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.message import Message as TMessage
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Footer, Static
+
+from corral.app.engine_api import Generation, GenerationStats, Message, SamplingSettings
+from corral.convert.errors import ContextOverflow, CorralError
+
+from .conversation_list import ConversationListScreen, ListChoice, export_name
+from .help_screen import HelpScreen
+from .memory_view import MemoryScreen
+from .message_view import MessageBox, MessageView, PieceBuffer, ReplyBox
+from .prompt_input import PromptInput
+from .settings_screen import ChatSettings, SettingsScreen
+from .status_bar import StatusBar
+
+if TYPE_CHECKING:
+    from .app import ChatApp
+
+GENERATING = "generating… (escape stops)"
+PLACEHOLDER = "Type a message. enter sends · ctrl+j newline · f1 help · ctrl+o conversations · ctrl+q quit"
+
+
+@dataclass(eq=False)
+class ReplyJob:
+    """One reply being generated; shared (carefully) between the UI and the worker thread."""
+
+    messages: list[Message]
+    settings: SamplingSettings
+    box: ReplyBox
+    conversation_id: int
+    user_box: MessageBox | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    buffer: PieceBuffer = field(default_factory=PieceBuffer)
+    done: threading.Event = field(default_factory=threading.Event)
+    message_id: int | None = None
+    stopped: bool = False
+    last_save: float = 0.0
+    saved_text: str = ""
+    save_failed: bool = False
+
+
+class ReplyDone(TMessage):
+    def __init__(self, job: ReplyJob, generation: Generation) -> None:
+        super().__init__()
+        self.job = job
+        self.generation = generation
+
+
+class ReplyFailed(TMessage):
+    def __init__(self, job: ReplyJob, error: BaseException) -> None:
+        super().__init__()
+        self.job = job
+        self.error = error
+
+
+class ContextCounted(TMessage):
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+
+class ChatScreen(Screen[None]):
+    """Send prompts, stream replies, manage conversations."""
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", show=False),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+n", "new_conversation", "New"),
+        Binding("ctrl+o", "conversations", "Chats"),
+        Binding("ctrl+s", "export", "Export", show=False),
+        Binding("f2,ctrl+t", "settings", "Settings"),
+        Binding("f3,ctrl+g", "memory", "Memory"),
+        Binding("f1,question_mark", "help", "Help"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job: ReplyJob | None = None
+        self.conversation_id: int | None = None
+        self.system_prompt = ""
+        self._timer: Timer | None = None
+
+    @property
+    def chat_app(self) -> ChatApp:
+        return cast("ChatApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        with MessageView(id="messages"):
+            yield Static(PLACEHOLDER, id="placeholder", markup=False)
+        yield PromptInput(id="prompt")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        app = self.chat_app
+        self.system_prompt = app.system_prompt
+        status = self.query_one(StatusBar)
+        status.model = app.engine_model_name()
+        status.ctx_total = app.engine.n_ctx if app.engine else 0
+        self.query_one(PromptInput).focus()
+        if app.initial_conversation_id is not None:
+            await self.load_conversation(app.initial_conversation_id)
+        elif app.show_list_at_start:
+            try:
+                has_any = bool(app.store.list_conversations())
+            except CorralError as exc:
+                self.notify(str(exc), severity="error")
+                has_any = False
+            if has_any:
+                self.action_conversations()
+        self._refresh_context()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def view(self) -> MessageView:
+        return self.query_one(MessageView)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    @property
+    def status(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    def history(self) -> list[Message]:
+        """System prompt plus every turn on screen (empty replies left out)."""
+        out = [Message("system", self.system_prompt)] if self.system_prompt else []
+        for box in self.view.boxes():
+            if box.role == "user" or box.content:
+                out.append(Message(box.role, box.content))  # type: ignore[arg-type]
+        return out
+
+    def _update_placeholder(self) -> None:
+        self.query_one("#placeholder").display = not self.view.boxes()
+
+    def _ensure_conversation(self) -> int:
+        if self.conversation_id is None:
+            app = self.chat_app
+            self.conversation_id = app.store.new_conversation(
+                model=app.engine_model_name(), system_prompt=self.system_prompt
+            )
+        return self.conversation_id
+
+    def _refresh_context(self) -> None:
+        if self.chat_app.engine is not None and self.job is None:
+            self._count_context(self.history())
+
+    @work(thread=True, group="count", exclusive=True, exit_on_error=False)
+    def _count_context(self, messages: list[Message]) -> None:
+        app = self.chat_app
+        if not messages or app.engine is None:
+            self.post_message(ContextCounted(0))
+            return
+        with app.engine_lock:
+            tokens = app.engine.count_prompt_tokens(messages)
+        self.post_message(ContextCounted(tokens))
+
+    def on_context_counted(self, message: ContextCounted) -> None:
+        if self.job is None:
+            self.status.ctx_used = message.tokens
+
+    # -- sending and streaming ----------------------------------------------------------------------
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        if self.job is not None:
+            self.notify("a reply is still streaming; escape stops it", severity="warning")
+            return
+        text = event.text.strip("\n").rstrip()
+        try:
+            conversation_id = self._ensure_conversation()
+            message_id = self.chat_app.store.add_message(conversation_id, "user", text)  # committed now
+        except CorralError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.prompt.remember(text)
+        self.prompt.clear()
+        user_box = await self.view.add_message("user", text, message_id=message_id)
+        self._update_placeholder()
+        await self._start_reply(user_box)
+
+    async def _start_reply(self, user_box: MessageBox | None) -> None:
+        app = self.chat_app
+        messages = self.history()
+        box = await self.view.add_reply(min_interval=app.flush_interval)
+        job = ReplyJob(messages, app.sampling, box, self._ensure_conversation(), user_box=user_box)
+        job.last_save = time.monotonic()
+        self.job = job
+        app.reply_cancel = job.cancel
+        self.status.state = GENERATING
+        self._timer = self.set_interval(app.flush_interval, self._tick)
+        self._generate(job)
+
+    @work(thread=True, group="generate", exit_on_error=False)
+    def _generate(self, job: ReplyJob) -> None:
+        app = self.chat_app
+        engine = app.engine
+        try:
+            with app.engine_lock:
+                if engine is None:
+                    raise CorralError("no model is loaded")
+                if job.cancel.is_set():
+                    empty = GenerationStats(0, 0, 0.0, 0.0, "cancelled")
+                    generation = Generation("", empty)
+                else:
+                    used = engine.count_prompt_tokens(job.messages)
+                    if used >= engine.n_ctx:
+                        raise ContextOverflow(f"the conversation is {used:,} tokens; the context holds {engine.n_ctx:,}")
+                    generation = engine.generate(
+                        job.messages, job.settings, on_text=job.buffer.append, cancel=job.cancel
+                    )
+        except BaseException as exc:  # every failure goes to the UI as a notification
+            self.post_message(ReplyFailed(job, exc))
+        else:
+            self.post_message(ReplyDone(job, generation))
+        finally:
+            job.done.set()
+
+    async def _tick(self) -> None:
+        job = self.job
+        if job is None:
+            return
+        await job.box.append(job.buffer.drain())
+        self._save(job)
+
+    def _save(self, job: ReplyJob, *, status: str = "streaming", stats: GenerationStats | None = None,
+              force: bool = False) -> None:
+        """Write the reply so far to the store (at most every save_interval seconds unless `force`)."""
+        now = time.monotonic()
+        text = job.box.content
+        if job.save_failed or (not force and now - job.last_save < self.chat_app.save_interval):
+            return
+        if job.message_id is None and not text and not force:
+            return
+        if not force and text == job.saved_text:
+            return
+        store = self.chat_app.store
+        try:
+            if job.message_id is None:
+                job.message_id = store.start_reply(job.conversation_id, text)
+                job.box.message_id = job.message_id
+            if force or text != job.saved_text:
+                store.update_reply(job.message_id, text, status=status, stats=stats)
+        except CorralError as exc:
+            job.save_failed = True
+            self.notify(f"could not save the reply: {exc}", severity="error")
+            return
+        job.saved_text = text
+        job.last_save = now
+
+    async def _finish(self, job: ReplyJob, status: str, stats: GenerationStats | None,
+                      final_text: str | None = None) -> None:
+        if self.job is job:
+            self.job = None
+            if self._timer is not None:
+                self._timer.stop()
+                self._timer = None
+        await job.box.append(job.buffer.drain())
+        await job.box.flush()
+        if final_text is not None and final_text.strip() != job.box.content.strip():
+            await job.box.replace(final_text)
+        job.box.set_status(status)
+        self._save(job, status=status, stats=stats, force=True)
+        if stats is not None:
+            self.status.show_stats(stats)
+        self.status.state = "stopped" if status == "cancelled" else ""
+
+    async def action_stop(self) -> None:
+        """Escape: stop now and keep the partial reply; harmless when nothing streams."""
+        job = self.job
+        if job is None or job.stopped:
+            return
+        job.cancel.set()
+        job.stopped = True
+        await self._finish(job, "cancelled", None)
+
+    async def on_reply_done(self, message: ReplyDone) -> None:
+        job, generation = message.job, message.generation
+        if job.stopped:  # already finished on escape; record the engine's numbers for what was shown
+            if job.message_id is not None and not job.save_failed:
+                try:
+                    self.chat_app.store.update_reply(job.message_id, job.box.content, status="cancelled",
+                                                     stats=generation.stats)
+                except CorralError as exc:
+                    self.notify(str(exc), severity="error")
+            if self.job is None:
+                self.status.show_stats(generation.stats)
+            return
+        stats = generation.stats
+        await self._finish(job, stats.stop_reason, stats, final_text=generation.text)
+        if stats.stop_reason == "length":
+            engine = self.chat_app.engine
+            if engine is not None and stats.prompt_tokens + stats.completion_tokens >= engine.n_ctx:
+                self.notify("the context is full: the reply was cut. Start a new conversation (ctrl+n).",
+                            severity="warning")
+            else:
+                self.notify(f"the reply reached max tokens ({job.settings.max_tokens}); raise it with f2",
+                            severity="warning")
+
+    async def on_reply_failed(self, message: ReplyFailed) -> None:
+        job, error = message.job, message.error
+        if job.stopped:
+            return
+        nothing_shown = not job.box.content and not job.box._pending
+        if isinstance(error, ContextOverflow) and nothing_shown:
+            if self.job is job:
+                self.job = None
+                if self._timer is not None:
+                    self._timer.stop()
+                    self._timer = None
+            await job.box.remove()
+            if job.user_box is not None:
+                await self._unsend(job.user_box)
+            self.status.state = ""
+            self.notify(f"context full: {error}. The conversation is kept; start a new one (ctrl+n) "
+                        "or restart with a larger --ctx.", severity="error", timeout=10)
+            self._refresh_context()
+            return
+        await self._finish(job, "error", None)
+        self.notify(str(error) or type(error).__name__, severity="error")
+
+    async def _unsend(self, user_box: MessageBox) -> None:
+        """Take a user turn back (its reply could not start): out of the store, back into the prompt."""
+        store = self.chat_app.store
+        try:
+            if user_box.message_id is not None:
+                store.delete_message(user_box.message_id)
+            if self.conversation_id is not None and len(self.view.boxes()) == 1:
+                store.delete_conversation(self.conversation_id)
+                self.conversation_id = None
+        except CorralError as exc:
+            self.notify(str(exc), severity="error")
+        await user_box.remove()
+        if not self.prompt.text.strip():
+            self.prompt.set_text(user_box.content)
+        self._update_placeholder()
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    async def action_regenerate(self) -> None:
+        if self.job is not None:
+            self.notify("a reply is still streaming; escape stops it", severity="warning")
+            return
+        boxes = self.view.boxes()
+        if boxes and boxes[-1].role == "assistant":
+            last = boxes[-1]
+            try:
+                if last.message_id is not None:
+                    self.chat_app.store.delete_message(last.message_id)
+            except CorralError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            await last.remove()
+            boxes = boxes[:-1]
+        if not boxes or boxes[-1].role != "user":
+            self.notify("nothing to regenerate", severity="warning")
+            return
+        await self._start_reply(None)
+
+    async def action_new_conversation(self) -> None:
+        await self.action_stop()
+        self.conversation_id = None
+        self.system_prompt = self.chat_app.system_prompt
+        await self.view.query(MessageBox).remove()
+        self._update_placeholder()
+        self.status.ctx_used = 0
+        self._refresh_context()
+        self.prompt.focus()
+
+    async def load_conversation(self, conversation_id: int) -> None:
+        try:
+            conversation = self.chat_app.store.get(conversation_id)
+        except CorralError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        await self.action_stop()
+        await self.view.query(MessageBox).remove()
+        self.conversation_id = conversation.id
+        self.system_prompt = conversation.system_prompt
+        boxes = [MessageBox(m.role, m.content, status=m.status, message_id=m.id) for m in conversation.messages]
+        if boxes:
+            await self.view.mount_all(boxes)
+        self.view.scroll_end(animate=False)
+        self.view.anchor()
+        self._update_placeholder()
+        self._refresh_context()
+        if conversation.messages and conversation.messages[-1].role == "user":
+            self.notify("the last prompt has no reply: ctrl+r generates one", severity="information")
+
+    def action_conversations(self) -> None:
+        screen = ConversationListScreen(self.chat_app.store, self.chat_app.export_dir, self.conversation_id)
+        self.app.push_screen(screen, self._on_list_closed)
+
+    async def _on_list_closed(self, choice: ListChoice | None) -> None:
+        if self.conversation_id is not None:
+            try:
+                self.chat_app.store.get(self.conversation_id)
+            except CorralError:  # deleted from the list
+                await self.action_new_conversation()
+        if choice is None:
+            return
+        if choice.conversation_id is None:
+            await self.action_new_conversation()
+        elif choice.conversation_id != self.conversation_id:
+            await self.load_conversation(choice.conversation_id)
+
+    def action_export(self) -> None:
+        if self.conversation_id is None:
+            self.notify("nothing to export yet", severity="warning")
+            return
+        store = self.chat_app.store
+        try:
+            title = store.get(self.conversation_id).title
+            path = store.write_markdown(self.conversation_id, self.chat_app.export_dir /
+                                        export_name(self.conversation_id, title))
+        except (CorralError, OSError) as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"exported to {path}")
+
+    def action_settings(self) -> None:
+        current = ChatSettings(self.system_prompt, self.chat_app.sampling)
+        self.app.push_screen(SettingsScreen(current), self._on_settings)
+
+    def _on_settings(self, result: ChatSettings | None) -> None:
+        if result is None:
+            return
+        app = self.chat_app
+        app.sampling = result.sampling
+        if result.system_prompt != self.system_prompt:
+            self.system_prompt = result.system_prompt
+            app.system_prompt = result.system_prompt
+            if self.conversation_id is not None:
+                try:
+                    app.store.set_system_prompt(self.conversation_id, result.system_prompt)
+                except CorralError as exc:
+                    self.notify(str(exc), severity="error")
+            self._refresh_context()
+        self.notify("settings saved")
+
+    def action_memory(self) -> None:
+        app = self.chat_app
+        self.app.push_screen(MemoryScreen(getattr(app.engine, "plan", None), app.memory_probe,
+                                          interval=app.memory_interval))
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
