@@ -22,7 +22,9 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
+from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from corral.convert.errors import TemplateError
@@ -46,6 +48,7 @@ class TemplateLimits:
     output_per_input: int = 4
     max_seconds: float = 2.0
     max_int_arg: int = 100_000  # widths, repeat counts and similar arguments
+    max_int_bits: int = 65_536  # integers that `**` and `*` may build (Python cannot print > ~14000 bits anyway)
 
 
 class TemplateRaised(TemplateError):
@@ -79,10 +82,35 @@ _PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?")
 _FORMAT_WIDTH = re.compile(r"\{[^{}]*?:[^{}]*?(\d+)[^{}]*\}")
 
 
+class _GuardedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, except that `a ~ b` goes through the environment's size check."""
+
+    @optimizeconst
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Frame) -> None:
+        # same join functions as jinja2 3.1's CodeGenerator.visit_Concat, wrapped in `concat_checked`
+        if frame.eval_ctx.volatile:
+            func_name = "(markup_join if context.eval_ctx.volatile else str_join)"
+        elif frame.eval_ctx.autoescape:
+            func_name = "markup_join"
+        else:
+            func_name = "str_join"
+        self.write(f"environment.concat_checked({func_name}, (")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+def _text_len(value: Any) -> int:
+    return len(value) if isinstance(value, str) else len(str(value))
+
+
 class _GuardedEnvironment(ImmutableSandboxedEnvironment):
     """The immutable sandbox plus size checks on the operations that can make huge values."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _GuardedCodeGenerator
+    _PRE_CHECKED = ("center", "indent", "wordwrap", "format", "replace", "truncate")
 
     def __init__(self, limits: TemplateLimits) -> None:
         super().__init__(
@@ -94,7 +122,9 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         self.limits = limits
         self.max_value_chars = limits.base_output_chars
         self.filters["tojson"] = _tojson
-        for name in ("center", "indent", "wordwrap", "format", "replace", "truncate"):
+        self.filters["join"] = self._guarded_join(self.filters["join"])
+        # every filter's result is size-checked; the amplifying ones are also checked before they run
+        for name in list(self.filters):
             self.filters[name] = self._guard_callable(self.filters[name], name)
 
     def _too_big(self, what: str) -> _LimitExceeded:
@@ -108,6 +138,17 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         if n > self.max_value_chars:
             raise self._too_big(f"{what} would make {n} items")
 
+    def _check_bits(self, bits: int, what: str) -> None:
+        if bits > self.limits.max_int_bits:
+            raise self._too_big(f"{what} would make a {bits}-bit integer")
+
+    def _check_result(self, value: Any, what: str) -> Any:
+        if isinstance(value, (str, list, tuple)):
+            self._check_len(len(value), what)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            self._check_bits(value.bit_length(), what)
+        return value
+
     def _check_printf(self, spec: str) -> None:
         for width, precision in _PRINTF_WIDTH.findall(spec):
             for number in (width, precision):
@@ -116,14 +157,40 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         for number in _FORMAT_WIDTH.findall(spec):
             self._check_int(int(number), "format width")
 
+    def concat_checked(self, join: Callable[[Any], str], values: tuple[Any, ...]) -> str:
+        """`a ~ b ~ ...`: refuse before joining when the result would pass the output cap."""
+        self._check_len(sum(_text_len(v) for v in values), "concatenation")
+        return join(values)
+
+    def concat(self, parts: Any) -> str:  # type: ignore[override]
+        """Captured block output (`{% set x %}`, macros, filter blocks), size-checked before joining."""
+        parts = list(parts)
+        self._check_len(sum(_text_len(p) for p in parts), "captured block")
+        return "".join(parts)
+
+    def _guarded_join(self, join: Callable[..., str]) -> Callable[..., str]:
+        @jinja2.pass_eval_context
+        def guarded(eval_ctx: Any, value: Any, d: str = "", attribute: str | int | None = None) -> str:
+            items = list(value)
+            shown = items if attribute is None else map(make_attrgetter(self, attribute), items)
+            self._check_len(sum(_text_len(x) for x in shown) + _text_len(d) * max(len(items) - 1, 0), "join")
+            return join(eval_ctx, items, d, attribute)
+
+        return guarded
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (left, right))
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
                     self._check_len(len(seq) * max(count, 0), "repetition")
+            if ints:
+                self._check_bits(left.bit_length() + right.bit_length(), "multiplication")
         elif operator == "**":
             if isinstance(right, (int, float)) and abs(right) > 64 and isinstance(left, (int, float)) and abs(left) > 1:
                 raise self._too_big(f"power {right}")
+            if ints and right > 0:
+                self._check_bits(left.bit_length() * right, "power")
         elif operator == "+":
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 self._check_len(len(left) + len(right), "concatenation")
@@ -131,12 +198,15 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             self._check_printf(left)
             for arg in right if isinstance(right, tuple) else (right,):
                 self._check_int(arg, "format")
-        return super().call_binop(context, operator, left, right)
+        return self._check_result(super().call_binop(context, operator, left, right), operator)
 
     def _check_call(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
         for value in (*args, *kwargs.values()):
             self._check_int(value, name)
+        # the sandbox hands out str.format as a wrapper function; the bound method is its __wrapped__
         owner = getattr(obj, "__self__", None)
+        if owner is None:
+            owner = getattr(getattr(obj, "__wrapped__", None), "__self__", None)
         method = getattr(obj, "__name__", name)
         if isinstance(owner, str):
             if method in ("format", "format_map"):
@@ -144,18 +214,31 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             elif method == "replace" and len(args) >= 2:
                 old, new = str(args[0]), str(args[1])
                 self._check_len(len(owner) // max(len(old), 1) * len(new) + len(owner), "replace")
+            elif method == "expandtabs":
+                tab = args[0] if args and isinstance(args[0], int) else 8
+                self._check_len(len(owner) + owner.count("\t") * max(tab, 0), "expandtabs")
+            elif method == "join" and args:
+                parts = list(args[0]) if isinstance(args[0], (list, tuple, str)) else []
+                self._check_len(sum(_text_len(p) for p in parts) + len(owner) * max(len(parts) - 1, 0), "join")
         if name == "replace" and len(args) >= 3:
             text, old, new = str(args[0]), str(args[1]), str(args[2])
             self._check_len(len(text) // max(len(old), 1) * len(new) + len(text), "replace")
+        if name == "indent" and args:
+            width = args[1] if len(args) >= 2 else kwargs.get("width", 4)
+            width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 4
+            text = str(args[0])
+            self._check_len(len(text) + (text.count("\n") + 1) * max(width, 0), "indent")
         if name == "format" and args:
             self._check_printf(str(args[0]))
 
     def _guard_callable(self, func: Callable[..., Any], name: str) -> Callable[..., Any]:
         passes_context = hasattr(func, "jinja_pass_arg")  # @pass_environment / @pass_eval_context filters
+        pre_check = name in self._PRE_CHECKED
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            self._check_call(func, args[1:] if passes_context else args, kwargs, name)
-            return func(*args, **kwargs)
+            if pre_check:
+                self._check_call(func, args[1:] if passes_context else args, kwargs, name)
+            return self._check_result(func(*args, **kwargs), name)
 
         if passes_context:
             guarded.jinja_pass_arg = func.jinja_pass_arg  # type: ignore[attr-defined]
@@ -163,7 +246,7 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         __self._check_call(__obj, args, kwargs, getattr(__obj, "__name__", "call"))
-        return super().call(__context, __obj, *args, **kwargs)
+        return __self._check_result(super().call(__context, __obj, *args, **kwargs), "call")
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,

@@ -78,7 +78,7 @@ def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, **para
     Ctrl-C stops the reply between tokens (exit 130, partial text kept).
     """
     args = pop_model_args(params)
-    text = read_prompt(prompt, click.get_text_stream("stdin"))
+    text = read_prompt(prompt, sys.stdin)
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", text)]
     cancel = threading.Event()
     with interrupt_sets(cancel):
@@ -128,7 +128,10 @@ def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threa
         out.flush()
         wrote.append(piece)
 
+    shown = len(engine.warnings)
     result = engine.generate(messages, args.sampling, on_text=on_text if stream else None, cancel=cancel)
+    for message in engine.warnings[shown:]:
+        ui.warn(message)
     stats = result.stats
     if json_:
         click.echo(json.dumps({

@@ -2,12 +2,132 @@
 
 from __future__ import annotations
 
-import click
+import json
+from pathlib import Path
 
-from corral.convert.errors import CorralError
+import click
+from rich.console import Console
+from rich.table import Table
+
+from corral.offload.api import PlanOptions, plan_model
+from corral.offload.gpus import parse_gpu_spec, parse_rate, parse_size
+from corral.offload.hardware import Hardware, detect_hardware, load_hardware_file, what_if
+from corral.offload.plan import Plan
+
+from . import ui
+
+
+def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str | None, cpu_only: bool,
+              hardware_file: str | None) -> Hardware:
+    specs = [parse_gpu_spec(g) for g in gpu]
+    rate = parse_rate(disk_read) if disk_read else None
+    ram_bytes = parse_size(ram) if ram else None
+    if hardware_file:
+        base = load_hardware_file(hardware_file)
+    else:
+        where = Path(model) if Path(model).exists() else None
+        base = detect_hardware(where)
+    return what_if(base, gpus=specs or None, ram=ram_bytes, disk_read=rate, cpu_only=cpu_only)
 
 
 @click.command("plan")
-def plan() -> None:
+@click.argument("model")
+@click.option("--quant", "-q", help="Target quant type for an HF folder or catalog name (e.g. Q4_K_M, IQ2_XXS).")
+@click.option("--ctx", "n_ctx", type=int, help="Context size (default: the largest that fits).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type.")
+@click.option("--batch", "n_batch", type=int, default=2048, show_default=True, help="Logical batch size.")
+@click.option("--ubatch", "n_ubatch", type=int, default=512, show_default=True, help="Physical batch size.")
+@click.option("--threads", "n_threads", type=int, help="CPU threads (default: physical cores).")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, help="Force this many layers on GPU.")
+@click.option("--gpu", multiple=True, help="What-if GPU: 24GiB, 24GiB@1008GB/s or a card (rtx4090, a100-80g, h100).")
+@click.option("--ram", help="What-if RAM size, e.g. 128GiB.")
+@click.option("--disk-read", help="What-if disk read bandwidth, e.g. 3GB/s.")
+@click.option("--cpu-only", is_flag=True, help="Plan as if there were no GPU.")
+@click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), help="Hardware description JSON.")
+@click.option("--best-quant", is_flag=True, help="Compare every quant type for this model and recommend one.")
+@click.option("--json", "json_", is_flag=True, help="Print the plan as JSON.")
+def plan(model: str, quant: str | None, n_ctx: int | None, kv_type: str, n_batch: int, n_ubatch: int,
+         n_threads: int | None, n_gpu_layers: int | None, gpu: tuple[str, ...], ram: str | None,
+         disk_read: str | None, cpu_only: bool, hardware_file: str | None, best_quant: bool, json_: bool) -> None:
     """Plan where every tensor goes (GPUs, RAM, disk), what context fits and how fast it runs."""
-    raise CorralError("not implemented yet")
+    hw = _hardware(model, gpu, ram, disk_read, cpu_only, hardware_file)
+    options = PlanOptions(n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                          quant=quant, n_gpu_layers=n_gpu_layers)
+    if best_quant:
+        _best_quant(model, options, hw, json_)
+        return
+    result = plan_model(model, options, hw)
+    if json_:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    show(result, hw)
+
+
+def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> None:
+    from corral.offload.api import best_quant as run
+
+    rows, pick = run(model, options, hw)
+    if json_:
+        click.echo(json.dumps({"rows": [r.to_json() for r in rows], "recommended": pick}, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"{rows[0].plan.model}: every quant on this machine" if rows else "no rows")
+    for col in ("quant", "file", "fits", "GPU", "RAM", "disk", "max ctx", "tok/s"):
+        table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
+    for r in rows:
+        j = r.to_json()
+        mark = "→ " if r.quant == pick else "  "
+        fits = "[green]yes[/]" if r.plan.fits and not j["disk_bytes"] else (
+            "[yellow]streams[/]" if r.plan.fits else "[red]no[/]")
+        table.add_row(mark + r.quant, ui.human_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]), _b(j["ram_bytes"]),
+                      _b(j["disk_bytes"]), str(r.plan.n_ctx), _tps(r.plan.tokens_per_second))
+    console.print(table)
+    if pick:
+        console.print(f"recommended: [bold]{pick}[/] (the most precise type that runs from memory at a usable speed)"
+                      if any(r.quant == pick and not r.plan.disk_stream_bytes for r in rows)
+                      else f"recommended: [bold]{pick}[/] (fastest; every option streams from disk)")
+    else:
+        console.print("[red]no quant type fits this machine[/]")
+
+
+def _b(n: int) -> str:
+    return ui.human_bytes(n) if n else "-"
+
+
+def _tps(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 0.1 else f"{x:.3f}"
+
+
+def show(p: Plan, hw: Hardware) -> None:
+    """The human plan: headline, device table, warnings, advice and how to run it."""
+    console = Console()
+    style = "bold green" if p.fits and not p.disk_stream_bytes else "bold yellow" if p.fits else "bold red"
+    console.print(f"[{style}]{p.headline}[/]")
+    table = Table(show_edge=False)
+    for col in ("device", "layers", "weights", "KV cache", "compute", "overhead", "total", "capacity", "bandwidth"):
+        table.add_column(col, justify="left" if col == "device" else "right")
+    for d in p.devices:
+        layers = str(d.layers) + (f" +{d.attn_layers} attn" if d.attn_layers else "")
+        total = ui.human_bytes(d.total_bytes)
+        if not d.fits:
+            total = f"[red]{total}[/]"
+        table.add_row(d.name, layers if d.kind != "disk" else "",
+                      ui.human_bytes(d.weights_bytes), _b(d.kv_bytes), _b(d.compute_bytes), _b(d.overhead_bytes),
+                      total, ui.human_bytes(d.capacity_bytes) if d.kind != "disk" else "",
+                      f"{d.bandwidth / 1e9:.1f} GB/s")
+    console.print(table)
+    console.print(f"context {p.n_ctx} (model limit {p.n_ctx_train}), KV {p.kv_type}, flash attention "
+                  f"{'on' if p.flash_attn else 'off'}, {p.n_gpu_layers}/{p.n_layers} layers on GPU, "
+                  f"~{_tps(p.tokens_per_second)} tok/s generation, ~{_tps(p.prompt_tokens_per_second)} tok/s prompt")
+    labels = ", ".join(f"{d.name}: {d.label}" for d in p.devices)
+    console.print(f"[dim]{labels}[/]", markup=True, highlight=False)
+    console.print(f"[dim]hardware: {hw.source}; file {ui.human_bytes(p.file_bytes)} ({p.quant})[/]")
+    for w in p.warnings:
+        ui.warn(w)
+    for a in p.advice:
+        console.print(f"[cyan]tip:[/] {a}")
+    console.print("llama-cli " + " ".join(p.llama_cli_args), soft_wrap=True, markup=False, style="dim")
+
+
+__all__ = ["plan", "show"]

@@ -17,7 +17,7 @@ import ctypes
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,34 +27,27 @@ from corral.convert.errors import (
     CorralError,
     DoesNotFit,
     EngineError,
-    InputNotFound,
     UsageError,
 )
 from corral.convert.gguf_file import read_gguf
 
-from .chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, drop_oldest_turns
+from .chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
 from .engine_api import Generation, GenerationStats, Message, SamplingSettings, StopReason
-from .engine_native import LOG, build_params, init_backend, kv_type_id
+from .engine_native import LOG, build_params, init_backend
 from .engine_native import lc as _lc
+from .engine_setup import (
+    EngineOptions,
+    does_not_fit_message,
+    effective_kwargs,
+    last_log_line,
+    make_plan,
+    resolve_model_path,
+)
 
 # llama-cpp-python's defaults for create_chat_completion's sampler chain (mirrored so seeded runs match too).
 TOP_K = 40
 MIN_P = 0.05
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """User overrides on top of the plan (None = the plan decides)."""
-
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    n_gpu_layers: int | None = None
-    kv_type: str = "f16"
-    force: bool = False
-    verbose: bool = False
-    use_mmap: bool | None = None
-    use_mlock: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -71,82 +64,9 @@ class FitResult:
         return self.dropped_messages > 0 or self.dropped_tokens > 0
 
 
-@dataclass(frozen=True)
-class _LocalPlan:
-    """A CPU-only stand-in used when the planner package is unavailable."""
-
-    llama_kwargs: Mapping[str, Any]
-    fits: bool = True
-    tensor_overrides: tuple[tuple[str, str], ...] = ()
-    advice: str = ""
-    warnings: tuple[str, ...] = ()
-    headline: str = "CPU only (no planner available)"
-    devices: tuple[Any, ...] = ()
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A GGUF path as given, or a file/folder name under corral's models directory."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        from .locations import data_dir
-
-        for candidate in (data_dir() / "models" / str(model), data_dir() / "models" / f"{model}.gguf"):
-            if candidate.exists():
-                path = candidate
-                break
-        else:
-            raise InputNotFound(f"model file not found: {model}", path=None)
-    if path.is_dir():
-        ggufs = sorted(p for p in path.glob("*.gguf") if "-of-" not in p.name or "-00001-of-" in p.name)
-        if len(ggufs) != 1:
-            raise UsageError(f"{path}: expected one .gguf model in the folder, found {len(ggufs)}")
-        path = ggufs[0]
-    return path
-
-
-def make_plan(path: Path, options: EngineOptions, model_file: Any = None) -> Any:
-    """The offload plan for `path` under `options` (the planner's, or a CPU-only stand-in)."""
-    try:
-        from corral.offload.api import PlanOptions, plan_model
-    except ImportError:
-        n_train = int((model_file.arch_key("{arch}.context_length", 4096) if model_file else 4096) or 4096)
-        kwargs: dict[str, Any] = {"n_ctx": options.n_ctx or min(4096, n_train), "n_gpu_layers": 0}
-        return _LocalPlan(llama_kwargs=kwargs)
-    import dataclasses
-
-    wanted = {"n_ctx": options.n_ctx, "ctx": options.n_ctx, "n_threads": options.n_threads,
-              "threads": options.n_threads, "n_gpu_layers": options.n_gpu_layers, "ngl": options.n_gpu_layers,
-              "kv_type": options.kv_type, "use_mmap": options.use_mmap, "use_mlock": options.use_mlock}
-    names = {f.name for f in dataclasses.fields(PlanOptions)} if dataclasses.is_dataclass(PlanOptions) else set()
-    plan_options = PlanOptions(**{k: v for k, v in wanted.items() if k in names and v is not None})
-    return plan_model(path, plan_options)
-
-
-def effective_kwargs(plan: Any, options: EngineOptions) -> dict[str, Any]:
-    """The plan's `Llama(**kwargs)` with the user's flags applied on top."""
-    kwargs = dict(plan.llama_kwargs)
-    if options.n_ctx is not None:
-        kwargs["n_ctx"] = options.n_ctx
-    if options.n_threads is not None:
-        kwargs["n_threads"] = options.n_threads
-        kwargs["n_threads_batch"] = options.n_threads
-    if options.n_gpu_layers is not None:
-        kwargs["n_gpu_layers"] = options.n_gpu_layers
-    if options.use_mmap is not None:
-        kwargs["use_mmap"] = options.use_mmap
-    if options.use_mlock is not None:
-        kwargs["use_mlock"] = options.use_mlock
-    if options.kv_type and options.kv_type != "f16":
-        kv_type_id(options.kv_type)  # validates the name
-        kwargs["type_k"] = kwargs["type_v"] = options.kv_type
-        kwargs["flash_attn"] = True  # llama.cpp needs flash attention for a quantized V cache
-    kwargs.setdefault("n_ctx", 4096)
-    return kwargs
-
-
 def load_engine(
     model_path: str | Path,
-    options: EngineOptions = EngineOptions(),
+    options: EngineOptions | None = None,
     *,
     progress: Callable[[float], None] | None = None,
     cancel: threading.Event | None = None,
@@ -154,15 +74,14 @@ def load_engine(
     model_file: Any = None,
 ) -> LlamaEngine:
     """Load a GGUF with the plan applied; `progress` gets 0..1; setting `cancel` aborts the load (Cancelled)."""
+    options = options or EngineOptions()
     path = resolve_model_path(model_path)
     if model_file is None:
         model_file = read_gguf(path)
     if plan is None:
         plan = make_plan(path, options, model_file)
     if not getattr(plan, "fits", True) and not options.force:
-        advice = getattr(plan, "advice", "") or ""
-        headline = getattr(plan, "headline", "") or "the plan says this model does not fit in RAM + VRAM + disk streaming"
-        raise DoesNotFit(f"{headline}. {advice} (pass --force to try anyway)".replace(". . ", ". "), path=path)
+        raise DoesNotFit(does_not_fit_message(plan), path=path)
     kwargs = effective_kwargs(plan, options)
     overrides = tuple(getattr(plan, "tensor_overrides", ()) or ())
     init_backend()
@@ -192,7 +111,7 @@ def load_engine(
             raise failure[0]
         if cancel is not None and cancel.is_set():
             raise Cancelled("model loading cancelled", path=path)
-        detail = LOG.last_error() or "see --verbose for llama.cpp's log"
+        detail = last_log_line(load_log) or "see --verbose for llama.cpp's log"
         raise EngineError(f"llama.cpp could not load the model: {detail}", path=path)
     try:
         if native.context.n_ctx == 0:
@@ -202,11 +121,12 @@ def load_engine(
         with LOG.collect() as ctx_log:
             ctx = _lc.llama_init_from_model(model, native.context)
         if not ctx:
-            detail = LOG.last_error() or "out of memory?"
+            detail = last_log_line(ctx_log) or "out of memory?"
             raise EngineError(f"llama.cpp could not create a {native.context.n_ctx}-token context: {detail}", path=path)
     except BaseException:
         _lc.llama_model_free(model)
         raise
+    # the engine owns model and context from here on (it frees them itself if its setup fails)
     engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, llama_kwargs=kwargs,
                          tensor_overrides=overrides, load_log=load_log + ctx_log)
     engine.warnings.extend(str(w) for w in getattr(plan, "warnings", ()) or ())
@@ -221,17 +141,26 @@ class LlamaEngine:
     def __init__(self, path: Path, model: Any, ctx: Any, n_batch: int, *, plan: Any, model_file: Any,
                  llama_kwargs: Mapping[str, Any], tensor_overrides: tuple[tuple[str, str], ...] = (),
                  load_log: Sequence[str] = ()) -> None:
+        self._model = model
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        try:
+            self._setup(path, n_batch, plan, model_file, llama_kwargs, tensor_overrides, load_log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, path: Path, n_batch: int, plan: Any, model_file: Any, llama_kwargs: Mapping[str, Any],
+               tensor_overrides: tuple[tuple[str, str], ...], load_log: Sequence[str]) -> None:
+        model, ctx = self._model, self._ctx
         self.path = path
         self.plan = plan
         self.llama_kwargs = dict(llama_kwargs)
         self.tensor_overrides = tensor_overrides
         self.load_log = list(load_log)
         self.warnings: list[str] = []
-        self._model = model
-        self._ctx = ctx
         self._vocab = _lc.llama_model_get_vocab(model)
         self._n_batch = n_batch
-        self._lock = threading.Lock()
         self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
         self.n_ctx = int(_lc.llama_n_ctx(ctx))
         self.n_ctx_train = int(_lc.llama_model_n_ctx_train(model))
@@ -243,6 +172,12 @@ class LlamaEngine:
         eos_text = self.token_text(self.eos_id) if self.eos_id >= 0 else ""
         self.formatter = ChatFormatter(model_file.get("tokenizer.chat_template"), bos_token=bos_text,
                                        eos_token=eos_text, warnings=self.warnings)
+        # Render a sample conversation now so a template that fails at render time warns at load, not mid-chat.
+        try:
+            self.formatter.format([Message("system", "s"), Message("user", "u"), Message("assistant", "a"),
+                                   Message("user", "u")])
+        except TemplateRaised:
+            pass  # the template validates conversations itself; real ones will be checked when sent
         self.stop_ids = self._stop_ids()
         self.last_prompt_tokens: list[int] = []
         self.last_completion_tokens: list[int] = []

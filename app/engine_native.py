@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gguf import GGMLQuantizationType
+from llama_cpp import llama_cpp as lc
 
 from corral.convert.errors import EngineError, UsageError
-
-import llama_cpp  # noqa: I001 - loads libllama before the symbols below are bound
-from llama_cpp import llama_cpp as lc
 
 _lib = lc._lib
 
@@ -116,7 +114,8 @@ def kv_type_id(kv_type: str | int) -> int:
     return int(GGMLQuantizationType[name.upper()])
 
 
-_MODEL_KEYS = {"n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "vocab_only"}
+_MODEL_KEYS = {"n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "vocab_only",
+               "use_extra_bufts", "check_tensors"}
 _CONTEXT_KEYS = {"n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "type_k", "type_v", "flash_attn",
                  "offload_kqv", "op_offload", "swa_full", "rope_freq_base", "rope_freq_scale", "rope_scaling_type",
                  "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "no_perf"}
@@ -155,6 +154,9 @@ def build_params(kwargs: Mapping[str, Any], overrides: Sequence[tuple[str, str]]
         keep.append(arr)
         mp.tensor_split = arr
     mp.vocab_only = bool(kwargs.get("vocab_only", False))
+    for key in ("use_extra_bufts", "check_tensors"):
+        if kwargs.get(key) is not None:
+            setattr(mp, key, bool(kwargs[key]))
     use_mmap, use_mlock = bool(kwargs.get("use_mmap", True)), bool(kwargs.get("use_mlock", False))
     mp.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap and use_mlock else lc.LLAMA_LOAD_MODE_MLOCK
                     if use_mlock else lc.LLAMA_LOAD_MODE_MMAP if use_mmap else lc.LLAMA_LOAD_MODE_NONE)
@@ -250,4 +252,4 @@ class LogCapture:
 LOG = LogCapture()
 
 __all__ = ["LOG", "Device", "NativeParams", "TensorOverrides", "build_params", "devices", "init_backend",
-           "kv_type_id", "llama_cpp"]
+           "kv_type_id", "lc"]

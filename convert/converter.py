@@ -15,11 +15,11 @@ Write your own GGUF from these with `gguf_writer.GGUFStreamWriter`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from .errors import InvalidConfig, InvalidSafetensors, UsageError
 from .fp8 import dequantize_rows
 from .ggml_q8 import quantize_q8_0
 from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
-from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint
+from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint, sampling_kvs
 from .progress import ProgressFn
 from .safetensors_io import NUMPY_STORAGE, TensorInfo, to_float32
 from .vocab import vocab_kvs
@@ -43,8 +43,9 @@ __all__ = [
     "plan_tensors", "resolve_ftype",
 ]  # fmt: skip
 
-# Values per processing chunk: 16M values = 32 MiB of BF16 in, 64 MiB of float32 in flight.
-CHUNK_ELEMENTS = 16 * 1024 * 1024
+# Values per processing chunk: 4M values = 8 MiB of BF16 in, 16 MiB of float32 in flight. Peak
+# memory is the interpreter + vocabulary (~150 MiB) plus a few buffers of this size, whatever the model.
+CHUNK_ELEMENTS = 4 * 1024 * 1024
 _SAME_BYTES = {
     ("BF16", GGMLQuantizationType.BF16),
     ("F16", GGMLQuantizationType.F16),
@@ -199,45 +200,6 @@ def _size_label(plans: list[TensorPlan]) -> str | None:
         return None
 
 
-# generation_config.json field -> (GGUF key, type), in the order llama.cpp writes them.
-_SAMPLING = (
-    ("sequence", Keys.General.SAMPLING_SEQUENCE, GGUFValueType.STRING),
-    ("top_k", Keys.General.SAMPLING_TOP_K, GGUFValueType.INT32),
-    ("top_p", Keys.General.SAMPLING_TOP_P, GGUFValueType.FLOAT32),
-    ("min_p", Keys.General.SAMPLING_MIN_P, GGUFValueType.FLOAT32),
-    ("xtc_probability", Keys.General.SAMPLING_XTC_PROBABILITY, GGUFValueType.FLOAT32),
-    ("xtc_threshold", Keys.General.SAMPLING_XTC_THRESHOLD, GGUFValueType.FLOAT32),
-    ("temperature", Keys.General.SAMPLING_TEMP, GGUFValueType.FLOAT32),
-    ("penalty_last_n", Keys.General.SAMPLING_PENALTY_LAST_N, GGUFValueType.INT32),
-    ("penalty_repeat", Keys.General.SAMPLING_PENALTY_REPEAT, GGUFValueType.FLOAT32),
-    ("mirostat", Keys.General.SAMPLING_MIROSTAT, GGUFValueType.INT32),
-    ("mirostat_tau", Keys.General.SAMPLING_MIROSTAT_TAU, GGUFValueType.FLOAT32),
-    ("mirostat_eta", Keys.General.SAMPLING_MIROSTAT_ETA, GGUFValueType.FLOAT32),
-)
-
-
-def sampling_kvs(folder: Path) -> list[KV]:
-    """general.sampling.* defaults from generation_config.json (ignored when missing or unreadable)."""
-    try:
-        gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(gen, dict):
-        return []
-    out: list[KV] = []
-    for field, key, vtype in _SAMPLING:
-        value = gen.get("repetition_penalty") if field == "penalty_repeat" and field not in gen else gen.get(field)
-        if value is None or isinstance(value, bool):
-            continue
-        if vtype == GGUFValueType.STRING and isinstance(value, str) and value:
-            out.append((key, value, vtype))
-        elif vtype == GGUFValueType.INT32 and isinstance(value, int):
-            out.append((key, value, vtype))
-        elif vtype == GGUFValueType.FLOAT32 and isinstance(value, (int, float)):
-            out.append((key, float(value), vtype))
-    return out
-
-
 def gguf_metadata(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto", plans: list[TensorPlan] | None = None) -> list[KV]:
     """Every GGUF key/value pair of the output file, in llama.cpp's order (no split.* keys)."""
     cfg = ckpt.config
@@ -323,6 +285,25 @@ def _encode(values: np.ndarray, src_dtype: str, qtype: GGMLQuantizationType) -> 
     raise UsageError(f"cannot write {qtype.name}")
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _encode_parallel(block: np.ndarray, dtype: str, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
+    """Encode a block of rows on a few threads (numpy and ggml release the GIL); output in row order."""
+    global _POOL
+    n = _workers()
+    if n == 1 or block.ndim < 2 or block.shape[0] < 2 * n:
+        yield _encode(block, dtype, qtype)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="corral-convert")
+    yield from _POOL.map(lambda part: _encode(part, dtype, qtype), np.array_split(block, n))
+
+
 class _Fds:
     """Read-only file descriptors of the source files, opened on demand."""
 
@@ -378,7 +359,7 @@ def iter_tensor_chunks(
                 if plan.permute_groups:
                     scale = lt.permute_rows(scale.reshape(row1 - row0, -1), plan.permute_groups * (row1 - row0) // rows)
                 block, dtype = dequantize_rows(block, scale), "F32"
-            yield _encode(block, dtype, plan.ggml_type)
+            yield from _encode_parallel(block, dtype, plan.ggml_type)
     finally:
         if own:
             fds.close()

@@ -38,7 +38,8 @@ def float32_to_e4m3(values: np.ndarray) -> np.ndarray:
     order = np.argsort(finite, kind="stable")
     sorted_vals = finite[order]
     # Drop the duplicate zero (-0) and NaN codes so the search sees a strictly increasing grid.
-    keep = np.concatenate([[True], np.diff(sorted_vals) > 0]) & np.isfinite(sorted_vals)
+    with np.errstate(invalid="ignore"):
+        keep = np.concatenate([[True], np.diff(sorted_vals) > 0]) & np.isfinite(sorted_vals)
     grid, grid_codes = sorted_vals[keep], order[keep]
     v = np.clip(np.asarray(values, dtype=np.float32), grid[0], grid[-1])
     hi = np.clip(np.searchsorted(grid, v), 1, len(grid) - 1)

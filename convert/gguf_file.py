@@ -14,6 +14,7 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,35 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_STRING_BYTES = 64 * 1024 * 1024  # a chat template or key is never this large
 MAX_ARRAY_DEPTH = 2
 MAX_COUNT = 1 << 24  # no real model has 16M keys, tensors or vocab entries
+MAX_TENSOR_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses names of 64 bytes or more
+# Hyperparameters that size loops and buffers downstream (planner, engine): sane upper bounds.
+_INT_BOUNDS: dict[str, int] = {
+    Keys.LLM.BLOCK_COUNT: 1 << 16,
+    Keys.LLM.CONTEXT_LENGTH: 1 << 32,
+    Keys.LLM.EMBEDDING_LENGTH: 1 << 20,
+    Keys.LLM.FEED_FORWARD_LENGTH: 1 << 24,
+    Keys.LLM.VOCAB_SIZE: MAX_COUNT,
+    Keys.Attention.HEAD_COUNT: 1 << 16,
+    Keys.Attention.HEAD_COUNT_KV: 1 << 16,
+    Keys.Attention.KEY_LENGTH: 1 << 16,
+    Keys.Attention.VALUE_LENGTH: 1 << 16,
+    Keys.Rope.DIMENSION_COUNT: 1 << 16,
+}
+_GLOBAL_INT_BOUNDS: dict[str, int] = {
+    Keys.Split.LLM_KV_SPLIT_COUNT: 99999,
+    Keys.Split.LLM_KV_SPLIT_NO: 99999,
+    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: MAX_COUNT,
+    Keys.General.FILE_TYPE: 1 << 16,
+    Keys.Tokenizer.BOS_ID: MAX_COUNT,
+    Keys.Tokenizer.EOS_ID: MAX_COUNT,
+}
+_STRING_KEYS = (
+    Keys.General.ARCHITECTURE,
+    Keys.General.NAME,
+    Keys.Tokenizer.MODEL,
+    Keys.Tokenizer.PRE,
+    Keys.Tokenizer.CHAT_TEMPLATE,
+)
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
@@ -42,6 +72,7 @@ _SCALAR = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
+_U64 = struct.Struct("<Q")
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -149,6 +180,30 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """An array of `count` strings (the vocabulary: hundreds of thousands, so a tight loop)."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        out: list[str] = [""] * count
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                raise self.fail(f"truncated while reading {what} at byte {pos}")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if length > MAX_STRING_BYTES or pos + length > size:
+                self.pos = pos
+                self.string_error(length, what)
+            out[i] = buf[pos : pos + length].decode("utf-8", errors="replace")
+            pos += length
+        self.pos = pos
+        return out
+
+    def string_error(self, length: int, what: str) -> None:
+        if length > MAX_STRING_BYTES:
+            raise self.fail(f"{what} is {length:,} bytes long (limit {MAX_STRING_BYTES:,})")
+        raise self.fail(f"truncated while reading {what} at byte {self.pos}")
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
             kind = GGUFValueType(vtype)
@@ -176,6 +231,8 @@ class _Cursor:
                 return values
             # strings and nested arrays: each element needs at least 8 bytes
             self.need(8 * count, what)
+            if ekind == GGUFValueType.STRING:
+                return self.strings(count, what)
             return [self.value(etype, what, depth + 1) for _ in range(count)]
         return self.scalar(_SCALAR[kind], what)
 
@@ -205,15 +262,18 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
     n_tensors = cur.scalar("<Q", "tensor count")
     n_kv = cur.scalar("<Q", "key/value count")
     # every key/value takes >= 13 bytes and every tensor info >= 32: counts must fit the file
-    if n_kv > MAX_COUNT or n_kv * 13 > file_bytes:
-        raise cur.fail(f"absurd key/value count {n_kv:,}")
-    if n_tensors > MAX_COUNT or n_tensors * 32 > file_bytes:
-        raise cur.fail(f"absurd tensor count {n_tensors:,}")
+    for count, what, least in ((n_kv, "key/value count", 13), (n_tensors, "tensor count", 32)):
+        if count > MAX_COUNT:
+            raise cur.fail(f"absurd {what} {count:,}")
+        if count * least > file_bytes:
+            raise cur.fail(f"{what} {count:,} cannot fit in {file_bytes:,} bytes: truncated or corrupt")
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, GGUFValueType] = {}
     for i in range(n_kv):
         key = cur.string(f"key #{i}")
+        if not key:
+            raise cur.fail(f"key #{i} is empty")
         vtype = cur.scalar("<I", f"type of {key!r}")
         if key in metadata:
             raise cur.fail(f"duplicate key {key!r}")
@@ -221,13 +281,18 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
         value_types[key] = GGUFValueType(vtype)
 
     alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
+    if Keys.General.ALIGNMENT in metadata and value_types[Keys.General.ALIGNMENT] != GGUFValueType.UINT32:
+        raise cur.fail(f"{Keys.General.ALIGNMENT} must be a uint32")
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise cur.fail(f"alignment {alignment!r} is not a power of two")
+    _check_known_keys(metadata, cur)
 
     raw_tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
     seen: set[str] = set()
     for i in range(n_tensors):
         name = cur.string(f"tensor #{i} name")
+        if not name or len(name.encode("utf-8")) >= MAX_TENSOR_NAME:
+            raise cur.fail(f"tensor #{i} name is empty or {MAX_TENSOR_NAME}+ bytes long")
         if name in seen:
             raise cur.fail(f"duplicate tensor {name!r}")
         seen.add(name)
@@ -266,6 +331,12 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
     for a, b in zip(ordered, ordered[1:]):
         if a.offset + a.nbytes > b.offset:
             raise InvalidGGUF(f"tensors {a.name!r} and {b.name!r} overlap", path=path)
+    # llama.cpp (gguf.cpp) wants the data laid out in table order, each tensor padded to the alignment
+    expected = 0
+    for (name, _, _, offset), tensor in zip(raw_tensors, tensors):
+        if offset != expected:
+            raise InvalidGGUF(f"tensor {name!r} data is at offset {offset:,}, expected {expected:,}", path=path)
+        expected += -(-tensor.nbytes // alignment) * alignment
     return GGUFHeader(
         path=path,
         version=version,
@@ -276,6 +347,32 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
         data_offset=data_offset,
         file_bytes=file_bytes,
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_known_keys(metadata: dict[str, Any], cur: _Cursor) -> None:
+    """Keys that corral and llama.cpp rely on must have sane types and values."""
+    for key in _STRING_KEYS:
+        if key in metadata and not isinstance(metadata[key], str):
+            raise cur.fail(f"{key} must be a string")
+    tokens = metadata.get(Keys.Tokenizer.LIST)
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise cur.fail(f"{Keys.Tokenizer.LIST} must be an array of strings")
+    arch = metadata.get(Keys.General.ARCHITECTURE)
+    bounds = dict(_GLOBAL_INT_BOUNDS)
+    if isinstance(arch, str):
+        bounds.update({template.format(arch=arch): limit for template, limit in _INT_BOUNDS.items()})
+    for key, limit in bounds.items():
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        values = value if isinstance(value, list) else [value]  # per-layer lists exist in some architectures
+        if not all(_is_int(v) and 0 <= v <= limit for v in values):
+            shown = value if not isinstance(value, list) else f"an array of {len(value)}"
+            raise cur.fail(f"{key} is {shown!r}, want an integer in 0..{limit:,}")
 
 
 def split_paths(path: str | Path) -> list[Path]:
@@ -291,10 +388,31 @@ def split_paths(path: str | Path) -> list[Path]:
 
 
 def read_gguf(path: str | Path) -> GGUFModelFile:
-    """Read and validate a GGUF model (every shard of a split), header only."""
+    """Read and validate a GGUF model (every shard of a split), header only.
+
+    A vocabulary-sized header takes a fraction of a second to walk, and one command may
+    need it several times (validation, planning, loading): results are cached by each
+    shard's path, size and modification time, so a changed file is always read again.
+    """
     path = Path(path)
     if not path.exists():
         raise InputNotFound("no such file", path=path)
+    key = []
+    for shard in split_paths(path):
+        try:
+            st = shard.stat()
+        except OSError:
+            return _read_gguf(path)  # let the uncached path report the missing shard
+        key.append((str(shard.resolve()), st.st_size, st.st_mtime_ns))
+    return _read_gguf_cached(path, tuple(key))
+
+
+@lru_cache(maxsize=8)
+def _read_gguf_cached(path: Path, key: tuple[tuple[str, int, int], ...]) -> GGUFModelFile:
+    return _read_gguf(path)
+
+
+def _read_gguf(path: Path) -> GGUFModelFile:
     shards = split_paths(path)
     first = read_header(shards[0])
     declared = first.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT)

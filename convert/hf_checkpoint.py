@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gguf import GGUFValueType, Keys
+
 from .errors import InputNotFound, InvalidConfig, InvalidSafetensors, UnsupportedModel
 from .safetensors_io import TensorInfo, read_header
 
@@ -250,3 +252,42 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
             if tensors[name].file.name != fname:
                 raise InvalidConfig(f"index puts {name!r} in {fname}, found in {tensors[name].file.name}", path=index)
     return Checkpoint(folder, config, files, tensors)
+
+
+# generation_config.json field -> (GGUF key, type), in the order llama.cpp writes them.
+_SAMPLING = (
+    ("sequence", Keys.General.SAMPLING_SEQUENCE, GGUFValueType.STRING),
+    ("top_k", Keys.General.SAMPLING_TOP_K, GGUFValueType.INT32),
+    ("top_p", Keys.General.SAMPLING_TOP_P, GGUFValueType.FLOAT32),
+    ("min_p", Keys.General.SAMPLING_MIN_P, GGUFValueType.FLOAT32),
+    ("xtc_probability", Keys.General.SAMPLING_XTC_PROBABILITY, GGUFValueType.FLOAT32),
+    ("xtc_threshold", Keys.General.SAMPLING_XTC_THRESHOLD, GGUFValueType.FLOAT32),
+    ("temperature", Keys.General.SAMPLING_TEMP, GGUFValueType.FLOAT32),
+    ("penalty_last_n", Keys.General.SAMPLING_PENALTY_LAST_N, GGUFValueType.INT32),
+    ("penalty_repeat", Keys.General.SAMPLING_PENALTY_REPEAT, GGUFValueType.FLOAT32),
+    ("mirostat", Keys.General.SAMPLING_MIROSTAT, GGUFValueType.INT32),
+    ("mirostat_tau", Keys.General.SAMPLING_MIROSTAT_TAU, GGUFValueType.FLOAT32),
+    ("mirostat_eta", Keys.General.SAMPLING_MIROSTAT_ETA, GGUFValueType.FLOAT32),
+)
+
+
+def sampling_kvs(folder: Path) -> list[tuple[str, Any, GGUFValueType]]:
+    """general.sampling.* defaults from generation_config.json (ignored when missing or unreadable)."""
+    try:
+        gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(gen, dict):
+        return []
+    out: list[tuple[str, Any, GGUFValueType]] = []
+    for name, key, vtype in _SAMPLING:
+        value = gen.get("repetition_penalty") if name == "penalty_repeat" and name not in gen else gen.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        if vtype == GGUFValueType.STRING and isinstance(value, str) and value:
+            out.append((key, value, vtype))
+        elif vtype == GGUFValueType.INT32 and isinstance(value, int):
+            out.append((key, value, vtype))
+        elif vtype == GGUFValueType.FLOAT32 and isinstance(value, (int, float)):
+            out.append((key, float(value), vtype))
+    return out

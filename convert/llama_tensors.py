@@ -12,7 +12,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from gguf import GGMLQuantizationType, LlamaFileType, MODEL_ARCH, get_tensor_name_map
+from gguf import MODEL_ARCH, GGMLQuantizationType, LlamaFileType, get_tensor_name_map
 
 from .errors import InvalidConfig
 from .hf_checkpoint import LlamaConfig, RopeScaling
@@ -91,24 +91,29 @@ def permute_rows(arr: np.ndarray, n_groups: int) -> np.ndarray:
 
 
 def rope_freq_factors(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
-    """Llama 3 rope scaling factors (head_dim/2 float32 values), float32 arithmetic like llama.cpp's."""
+    """Llama 3 rope scaling factors (head_dim/2 float32 values), bit-identical to llama.cpp's converter.
+
+    That converter evaluates the formula with float32 torch tensors, where `scalar / tensor` is
+    `tensor.reciprocal() * scalar`; the same operations in the same order are used here.
+    """
     f32 = np.float32
+    one = f32(1)
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / f32(head_dim)
-    freqs = f32(1.0) / np.power(f32(theta), exponents, dtype=np.float32)
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    freqs = (one / np.power(f32(theta), exponents, dtype=np.float32)) * one
+    low_wavelen = f32(s.original_max_position_embeddings / s.low_freq_factor)
+    high_wavelen = f32(s.original_max_position_embeddings / s.high_freq_factor)
     out = np.empty(len(freqs), dtype=np.float32)
     for i, freq in enumerate(freqs):
-        wavelen = f32(2 * math.pi) / freq
-        if wavelen < f32(high_wavelen):
+        wavelen = (one / freq) * f32(2 * math.pi)
+        if wavelen < high_wavelen:
             out[i] = 1.0
-        elif wavelen > f32(low_wavelen):
+        elif wavelen > low_wavelen:
             out[i] = s.factor
         else:
-            smooth = (f32(s.original_max_position_embeddings) / wavelen - f32(s.low_freq_factor)) / f32(
+            smooth = ((one / wavelen) * f32(s.original_max_position_embeddings) - f32(s.low_freq_factor)) / f32(
                 s.high_freq_factor - s.low_freq_factor
             )
-            out[i] = f32(1) / ((f32(1) - smooth) / f32(s.factor) + smooth)
+            out[i] = (one / ((one - smooth) / f32(s.factor) + smooth)) * one
     return out
 
 

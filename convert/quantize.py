@@ -1,18 +1,13 @@
 """Quantize a GGUF with llama.cpp's own `llama_model_quantize`, stoppable, atomic, with a size preview.
 
-`llama_model_quantize` blocks inside C where Python cannot deliver Ctrl-C, so it runs in a child
-process (`python -m corral.convert.quantize`) that we can terminate. The child forwards llama.cpp's
-log to its stderr; the parent counts the `[ i/ n]` tensor lines for progress and writes into a
-temporary file beside the target that is renamed only on success.
+This module plans (per-tensor types, exact output sizes) and drives the run: llama.cpp works in a
+child process (`quantize_child`) that writes into a temporary file beside the target, renamed only
+on success.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -23,19 +18,18 @@ from gguf import GGMLQuantizationType, Keys
 
 from . import quant_rules, quant_types
 from .atomic import atomic_output, check_free_space, check_output_path, fsync_path
-from .errors import Cancelled, EngineError, ImatrixRequired, UsageError
+from .errors import ImatrixRequired, UsageError
 from .gguf_file import GGUFModelFile, read_gguf
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
 from .progress import ProgressFn, no_progress
 from .quant_rules import TensorSpec
 
+# The runner lives in quantize_child; re-exported here, where callers have always found it.
+from .quantize_child import llama_dry_run, parse_tensor_lines, run_child  # noqa: F401
+
 T = GGMLQuantizationType
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 _SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-_TENSOR_LINE = re.compile(
-    r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),.*?size\s*=\s*([\d.]+) MiB"
-    r"(?:\s*->\s*([\d.]+) MiB(?:\s*\((\w+)\))?)?")
-_FAILED = re.compile(r"failed to quantize: (.*)")
 # llama-quantize records the imatrix it used in these keys (tools/quantize/quantize.cpp).
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -280,7 +274,8 @@ def quantize_gguf(
     start = time.monotonic()
     job = {"src": str(model.files[0]), "ftype": int(info.ftype), "threads": int(threads),
            "imatrix": str(imat.path) if imat else None, "keep_split": keep_split,
-           "allow_requantize": allow_requantize, "dry_run": False, "overrides": overrides}
+           "allow_requantize": allow_requantize, "dry_run": False, "overrides": overrides,
+           "target": str(out), "write_chunk_bytes": max((p.bytes_out for p in plans), default=0)}
     if keep_split:
         _run_split(job, out, targets, progress, len(plans))
     else:
@@ -319,9 +314,9 @@ def _check_imatrix_covers(imat: Imatrix, model: GGUFModelFile, plans: list[Tenso
 
 def _run_split(job: dict[str, Any], out: Path, targets: list[Path], progress: ProgressFn, total: int) -> None:
     prefix = out.parent / f".{out.stem}.{uuid.uuid4().hex[:8]}.corral-tmp"
-    temps = split_output_paths(prefix.with_name(prefix.name + ".gguf"), len(targets))
+    temps = split_output_paths(prefix, len(targets))  # llama_split_path: PREFIX-0000i-of-0000N.gguf
     try:
-        job["out"] = str(prefix) + ".gguf"
+        job["out"] = str(prefix)
         run_child(job, progress, total)
         for tmp in temps:
             fsync_path(tmp)
@@ -330,104 +325,3 @@ def _run_split(job: dict[str, Any], out: Path, targets: list[Path], progress: Pr
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-
-
-def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: int = 0) -> list[str]:
-    """Run llama_model_quantize in a child process; return its log lines. Ctrl-C stops it."""
-    cmd = [sys.executable, "-m", "corral.convert.quantize", json.dumps(job)]
-    lines: list[str] = []
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            lines.append(line)
-            match = _TENSOR_LINE.search(line)
-            if match:
-                progress(int(match.group(1)), int(match.group(2)) or total, match.group(3))
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise Cancelled("quantization interrupted; nothing was written") from None
-    if rc != 0:
-        failed = [m.group(1) for m in map(_FAILED.search, lines) if m]
-        reason = failed[-1].strip() if failed else (lines[-1] if lines else f"exit status {rc}")
-        raise EngineError(f"llama.cpp could not quantize: {reason}")
-    return lines
-
-
-def parse_tensor_lines(lines: list[str]) -> dict[str, tuple[str, str]]:
-    """{name: (type_in, type_out)} from llama.cpp's per-tensor log lines (dry run or real run)."""
-    result = {}
-    for line in lines:
-        m = _TENSOR_LINE.search(line)
-        if m:
-            type_in = m.group(4).upper()
-            conv = re.search(r"converting to (\w+)", line)
-            type_out = (m.group(7) or (conv.group(1) if conv else None) or m.group(4)).upper()
-            result[m.group(3)] = (type_in, type_out)
-    return result
-
-
-def llama_dry_run(src: str | Path, ftype: str, *, imatrix: str | Path | None = None) -> dict[str, tuple[str, str]]:
-    """llama.cpp's own dry run: {tensor: (type_in, type_out)} as it reports them."""
-    info = quant_types.file_type(ftype)
-    job = {"src": str(src), "out": os.devnull, "ftype": int(info.ftype), "threads": 1,
-           "imatrix": str(imatrix) if imatrix else None, "keep_split": False, "allow_requantize": True,
-           "dry_run": True, "overrides": []}
-    return parse_tensor_lines(run_child(job))
-
-
-# ---------------------------------------------------------------- child process
-
-
-def _child_main(job: dict[str, Any]) -> int:
-    import ctypes
-
-    import llama_cpp
-
-    from .imatrix import LlamaImatrixData
-
-    @llama_cpp.llama_log_callback
-    def log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        sys.stderr.write(text.decode("utf-8", "replace"))
-        sys.stderr.flush()
-
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = job["ftype"]
-    params.nthread = job["threads"]
-    params.keep_split = job["keep_split"]
-    params.allow_requantize = job["allow_requantize"]
-    params.dry_run = job["dry_run"]
-    keep: list[Any] = []
-    if job["imatrix"]:
-        data = LlamaImatrixData(load_imatrix(job["imatrix"]))
-        keep.append(data)
-        params.imatrix = ctypes.cast(data.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if job["overrides"]:
-        kvs = (llama_cpp.llama_model_kv_override * (len(job["overrides"]) + 1))()
-        for i, (key, value) in enumerate(job["overrides"]):
-            kvs[i].key = key.encode()[:127]
-            if isinstance(value, str):
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvs[i].value.val_str = value.encode()[:127]
-            else:
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-                kvs[i].value.val_i64 = int(value)
-        kvs[len(job["overrides"])].key = b""
-        keep.append(kvs)
-        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["out"].encode(), ctypes.byref(params))
-    sys.stderr.flush()
-    return int(rc)
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through run_child
-    sys.exit(_child_main(json.loads(sys.argv[1])))

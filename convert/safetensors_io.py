@@ -240,7 +240,10 @@ def float32_to_bf16_bytes(arr: np.ndarray) -> bytes:
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32 (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    out = np.empty(np.shape(bits), dtype=np.uint32)
+    np.copyto(out, np.asarray(bits, dtype=np.uint16), casting="safe")
+    out <<= 16
+    return out.view(np.float32)
 
 
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:

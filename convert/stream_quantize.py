@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, Keys, 
 
 from . import quant_rules, quant_types
 from .converter import FileRange, gguf_metadata, iter_tensor_chunks, open_checkpoint, plan_tensors
+from .converter import TensorPlan as ConvPlan
 from .errors import EngineError, ImatrixRequired, InvalidFile
 from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
@@ -202,7 +203,7 @@ def _imatrix_for(imat: Imatrix | None, spec: quant_rules.TensorSpec, target: T, 
     return values
 
 
-def _tensor_bytes(plan, spec: TensorSpec, weights: np.ndarray | None, threads: int) -> Iterator[np.ndarray]:  # noqa: ANN001
+def _tensor_bytes(plan: ConvPlan, spec: TensorSpec, weights: np.ndarray | None, threads: int) -> Iterator[np.ndarray]:
     """The output bytes of one tensor: unchanged BF16/F32 pieces, or ggml-quantized row chunks."""
     target = spec.ggml_type
     if target == plan.ggml_type:

@@ -223,3 +223,55 @@ def _advice(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement,
     if o.n_ctx and p.settings.n_ctx > BASE_CTX and (not p.fits or p.disk_stream_bytes):
         out.append(f"a smaller --ctx (e.g. {BASE_CTX}) frees {human(p.kv_layer_bytes * profile.n_layer)} of KV")
     return out
+
+
+# ---------------------------------------------------------------- --best-quant
+
+BEST_QUANT_CANDIDATES = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ3_XXS", "Q2_K",
+                         "IQ2_M", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+
+
+@dataclass(frozen=True)
+class QuantRow:
+    """One row of --best-quant: the plan for one quant type."""
+
+    quant: str
+    plan: Plan
+
+    def to_json(self) -> dict[str, Any]:
+        by = {k: sum(d.total_bytes if k != "disk" else d.weights_bytes for d in self.plan.devices if d.kind == k)
+              for k in ("gpu", "cpu", "disk")}
+        return {"quant": self.quant, "fits": self.plan.fits, "file_bytes": self.plan.file_bytes,
+                "gpu_bytes": by["gpu"], "ram_bytes": by["cpu"], "disk_bytes": by["disk"], "n_ctx": self.plan.n_ctx,
+                "tokens_per_second": self.plan.tokens_per_second}
+
+
+def best_quant(model: str | Path, options: PlanOptions = PlanOptions(),
+               hardware: Hardware | None = None) -> tuple[list[QuantRow], str | None]:
+    """A plan per quant type for the model's shapes, and the recommended type (None if nothing fits)."""
+    from .catalog import ModelShape
+    from .profile import profile_from_shape
+
+    profile, _ = load_profile(model, options.quant or "Q4_K_M")
+    shape = ModelShape(profile.name, profile.n_embd, profile.n_layer, profile.n_head, profile.n_head_kv,
+                       profile.n_ff, profile.n_vocab, profile.head_dim, profile.n_ctx_train,
+                       profile.tie_embeddings, any(t.kind == "rope" for t in profile.tensors))
+    if hardware is None:
+        hardware = detect_hardware(profile.files[0] if profile.files else None)
+    rows = []
+    for q in BEST_QUANT_CANDIDATES:
+        prof = profile_from_shape(shape, q, source=profile.source)
+        rows.append(QuantRow(q, plan_profile(prof, replace(options, quant=q), hardware)))
+    return rows, recommend(rows)
+
+
+def recommend(rows: list[QuantRow]) -> str | None:
+    """The most precise type that fits without disk streaming at a usable speed (at least a quarter of the
+    fastest option's, capped at 5 tok/s); if everything streams, the fastest that fits."""
+    ok = [r for r in rows if r.plan.fits and not r.plan.disk_stream_bytes]
+    if ok:
+        fastest = max(r.plan.tokens_per_second for r in ok)
+        usable = min(5.0, fastest / 4)
+        return next(r.quant for r in ok if r.plan.tokens_per_second >= usable)  # rows: most precise first
+    fitting = [r for r in rows if r.plan.fits]
+    return max(fitting, key=lambda r: r.plan.tokens_per_second).quant if fitting else None

@@ -37,12 +37,12 @@ class TensorInfo:
     offset: int = -1
     file_index: int = 0
 
-    @property
+    @cached_property
     def layer(self) -> int | None:
         m = _LAYER_RE.match(self.name)
         return int(m.group(1)) if m else None
 
-    @property
+    @cached_property
     def kind(self) -> str:
         """'embd', 'output', 'output_norm', 'rope', 'attn', 'ffn' or 'other'."""
         base = self.name.rsplit(".", 1)[0]
@@ -56,9 +56,6 @@ class TensorInfo:
         return {"token_embd": "embd", "output": "output", "output_norm": "output_norm",
                 "rope_freqs": "rope"}.get(base, "other")
 
-    @property
-    def is_matrix(self) -> bool:
-        return len([d for d in self.shape if d > 1]) >= 2 or (len(self.shape) == 2 and self.shape[1] > 1)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ T = GGMLQuantizationType
 # the CPU runs at min(RAM bandwidth, threads x this): on few cores the dequantizing dot products are the
 # limit, on many the memory is. Calibrated with bench/bench_plan.py (miniature models, 2-core AVX2 VM).
 CPU_WEIGHTS_PER_S: dict[GGMLQuantizationType, float] = {
-    T.F32: 2.0e9, T.F16: 2.5e9, T.BF16: 2.0e9, T.Q8_0: 4.5e9, T.Q4_0: 5.0e9, T.Q4_K: 5.0e9, T.Q5_K: 3.5e9,
-    T.Q6_K: 3.5e9, T.Q3_K: 3.0e9, T.Q2_K: 3.0e9, T.IQ4_XS: 3.5e9, T.IQ4_NL: 4.0e9,
+    T.F32: 2.0e9, T.F16: 3.0e9, T.BF16: 3.0e9, T.Q8_0: 4.5e9, T.Q4_0: 5.0e9, T.Q4_K: 5.0e9, T.Q5_K: 4.0e9,
+    T.Q6_K: 4.5e9, T.Q3_K: 3.0e9, T.Q2_K: 3.0e9, T.IQ4_XS: 3.5e9, T.IQ4_NL: 4.0e9,
 }
 DEFAULT_CPU_WEIGHTS_PER_S = 2.0e9  # IQ1/IQ2/IQ3 codebook types and anything unlisted
 RAM_EFFICIENCY = 0.8  # fraction of measured read bandwidth llama.cpp's threads reach on big models
@@ -31,6 +31,7 @@ GPU_TOKEN_PER_LAYER_S = 1.5e-5
 # Prompt processing: sustained matmul FLOP/s per CPU thread (AVX2 FMA, llama.cpp's gemm) and per GPU as a
 # multiple of its memory bandwidth (tensor-core FLOPs track bandwidth within ~2x across NVIDIA generations).
 CPU_FLOPS_PER_THREAD = 30e9
+PP_PER_TOKEN_S = 1.0e-4  # embeddings, norms, rope, attention of short prompts
 GPU_FLOPS_PER_BYTE_PER_S = 80.0
 PCIE_BANDWIDTH = 20e9  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
 
@@ -80,8 +81,8 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     tiers["fixed"] = TOKEN_FIXED_S + TOKEN_PER_VOCAB_S * profile.n_vocab
     per_token = sum(tiers.values())
 
-    # prompt processing, per token of a big batch
-    flops_per_weight = 2.0
+    # prompt processing, per token of a big batch: the output head runs for the last token only
+    flops_per_weight = 2.0 * _layer_fraction(profile)
     gpu_s = 0.0
     for d, read in zip(gpus, p.gpu_weights_read):
         weights = read * _weights_per_byte(profile)
@@ -93,8 +94,17 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     else:
         pp_cpu = flops_per_weight * cpu_weights / (max(1, threads) * CPU_FLOPS_PER_THREAD)
     pp_disk = (p.disk_stream_bytes / hw.disk_bandwidth) / max(1, p.settings.n_ubatch)
-    pp = gpu_s + pp_cpu + pp_disk + TOKEN_PER_LAYER_S * profile.n_layer / max(1, p.settings.n_ubatch)
+    pp = PP_PER_TOKEN_S + gpu_s + pp_cpu + pp_disk + TOKEN_PER_LAYER_S * profile.n_layer / max(1, p.settings.n_ubatch)
     return Speed(1.0 / per_token, 1.0 / pp if pp > 0 else 0.0, tiers)
+
+
+def _layer_fraction(profile: ModelProfile) -> float:
+    """Share of the per-token matrix bytes that are repeating layers (the rest is the output head)."""
+    layers = sum(t.nbytes for t in profile.tensors if t.layer is not None and len(t.shape) >= 2)
+    head = sum(t.nbytes for t in profile.tensors if t.kind == "output")
+    if not head and profile.tie_embeddings:
+        head = sum(t.nbytes for t in profile.tensors if t.kind == "embd")
+    return layers / (layers + head) if layers + head else 1.0
 
 
 def _weights_per_byte(profile: ModelProfile) -> float:

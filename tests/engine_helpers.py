@@ -28,9 +28,15 @@ def _vocab() -> tuple[list[str], list[int], list[str]]:
 
 
 def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.LLAMA3_CHAT_TEMPLATE,
-                    hidden: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, ffn: int = 128,
-                    seed: int = 0, context_length: int = 8192, name: str = "Tiny Llama 3") -> Path:
-    """Write a llama-architecture GGUF with the real Llama 3 tokenizer and `chat_template`."""
+                    hidden: int = 64, n_layers: int = 2, n_heads: int = 2, n_kv_heads: int = 1, ffn: int = 128,
+                    seed: int = 0, context_length: int = 8192, name: str = "Tiny Llama 3",
+                    dominant_token: int | None = None) -> Path:
+    """Write a llama-architecture GGUF with the real Llama 3 tokenizer and `chat_template`.
+
+    With `dominant_token`, every embedding carries a large constant in dimension 0, the layers
+    barely touch the residual stream, and that token's output row reads dimension 0: the model
+    then always predicts `dominant_token` (used to make a model that ends its turn at once).
+    """
     tokens, types, merges = _vocab()
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -61,21 +67,39 @@ def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(dtype)
 
     kv = hidden // n_heads * n_kv_heads
-    w.add_tensor("token_embd.weight", mat(len(tokens), hidden))
+    layer_scale = 1.0 if dominant_token is None else 1e-3
+    embd = mat(len(tokens), hidden)
+    output = mat(len(tokens), hidden)
+    if dominant_token is not None:
+        embd[:, 0] = 8.0
+        output[:, 0] = 0.0
+        output[dominant_token, :] = 0.0
+        output[dominant_token, 0] = 50.0
+    w.add_tensor("token_embd.weight", embd)
     for i in range(n_layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
         w.add_tensor(f"blk.{i}.attn_q.weight", mat(hidden, hidden, np.float32))
         w.add_tensor(f"blk.{i}.attn_k.weight", mat(kv, hidden, np.float32))
         w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.attn_output.weight", mat(hidden, hidden, np.float32))
+        w.add_tensor(f"blk.{i}.attn_output.weight", mat(hidden, hidden, np.float32) * layer_scale)
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
         w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(ffn, hidden, np.float32))
         w.add_tensor(f"blk.{i}.ffn_up.weight", mat(ffn, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(hidden, ffn, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(hidden, ffn, np.float32) * layer_scale)
     w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
-    w.add_tensor("output.weight", mat(len(tokens), hidden))
+    w.add_tensor("output.weight", output)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_CACHE: dict[str, Path] = {}
+
+
+def shared_tiny_gguf(factory: object) -> Path:
+    """One default tiny GGUF per test session, shared by the runtime test modules."""
+    if "default" not in _CACHE:
+        _CACHE["default"] = write_tiny_gguf(factory.mktemp("tiny-shared") / "tiny.gguf")  # type: ignore[attr-defined]
+    return _CACHE["default"]

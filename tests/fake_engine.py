@@ -143,3 +143,42 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+# -- Pilot helpers shared by the TUI tests ----------------------------------------------------------
+
+
+async def wait_until(pilot: object, condition: Callable[[], object], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Let the app run until `condition()` is true (AssertionError after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.02)  # type: ignore[attr-defined]
+
+
+async def chat_ready(pilot: object) -> object:
+    """Wait for the model load to end and the chat screen to be up; return it."""
+    from corral.tui.chat_screen import ChatScreen
+
+    app = pilot.app  # type: ignore[attr-defined]
+    await wait_until(pilot, lambda: app.chat_screen is not None and app.chat_screen.is_mounted, what="chat screen")
+    await pilot.pause()  # type: ignore[attr-defined]
+    screen = app.chat_screen
+    assert isinstance(screen, ChatScreen)
+    return screen
+
+
+def fake_plan(disk: bool = True) -> FakePlan:
+    """GPU0 + CPU RAM (+ disk streaming) like a 405B Q2_K on one 24 GB card."""
+    gib = 1024**3
+    devices = [
+        FakePlanDevice("GPU0", "gpu", 20 * gib, 2 * gib, gib // 2, 24 * gib, overhead_bytes=gib // 2),
+        FakePlanDevice("CPU", "cpu", 100 * gib, 0, gib, 128 * gib),
+    ]
+    if disk:
+        devices.append(FakePlanDevice("disk", "disk", 30 * gib, 0, 0, 0))
+    return FakePlan(devices, warnings=["30.0 GiB of weights stream from disk on every token"] if disk else [],
+                    headline="Llama 3.1 405B Q2_K: GPU0 + RAM + disk", tokens_per_second=0.4,
+                    disk_stream_bytes=30 * gib if disk else 0)

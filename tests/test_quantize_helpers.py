@@ -139,3 +139,68 @@ def test_mini_gguf_is_readable(tmp_path: Path) -> None:
     model = read_gguf(path)
     assert len(model.tensors) == 4 + 3 * 9
     assert {t.ggml_type for t in model.tensors} == {T.F32, T.BF16}
+
+
+_LOG_LINE = None
+
+
+def llama_quantize(src: Path, out: Path, ftype: int, *, imatrix: dict[str, np.ndarray] | None = None,
+                   dry_run: bool = False, threads: int = 2, keep_split: bool = False,
+                   allow_requantize: bool = False,
+                   overrides: list[tuple[str, str | int]] | None = None) -> tuple[int, str]:
+    """Call llama_model_quantize directly, in-process (the reference); returns (rc, captured log)."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        chunks.append(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.dry_run = dry_run
+    params.keep_split = keep_split
+    params.allow_requantize = allow_requantize
+    keep: list[object] = []
+    if imatrix is not None:
+        names = [n.encode() for n in imatrix]
+        bufs = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]
+        arr = (llama_cpp.llama_model_imatrix_data * (len(bufs) + 1))()
+        for i, (n, b) in enumerate(zip(names, bufs)):
+            arr[i].name = n
+            arr[i].data = b.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = b.size
+        keep += [names, bufs, arr]
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if overrides:
+        kvs = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
+        for i, (key, value) in enumerate(overrides):
+            kvs[i].key = key.encode()
+            if isinstance(value, str):
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                kvs[i].value.val_str = value.encode()
+            else:
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                kvs[i].value.val_i64 = value
+        keep.append(kvs)
+        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    return rc, "".join(chunks)
+
+
+def llama_dry_run_types(src: Path, ftype: int, *, imatrix: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """{tensor: target type name} as llama.cpp's own dry run reports them."""
+    from corral.convert.quantize import parse_tensor_lines
+
+    rc, log = llama_quantize(src, Path("/dev/null"), ftype, imatrix=imatrix, dry_run=True)
+    assert rc == 0, log[-2000:]
+    return {name: out for name, (_, out) in parse_tensor_lines(log.splitlines()).items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 from textual import work
 from textual.app import App
 from textual.message import Message as TMessage
+from textual.notifications import SeverityLevel
 
 from corral.app.engine_api import ChatEngine, SamplingSettings
 from corral.app.store import ChatStore
@@ -64,7 +65,8 @@ class ChatApp(App[int]):
         export_dir: Path | None = None,
         memory_probe: Callable[[], LiveUsage] = probe_live_usage,
         memory_interval: float = 1.0,
-        flush_interval: float = 1 / 15,
+        flush_interval: float = 0.1,
+        max_ui_share: float = 0.025,
         save_interval: float = 0.5,
     ) -> None:
         super().__init__()
@@ -80,6 +82,7 @@ class ChatApp(App[int]):
         self.memory_probe = memory_probe
         self.memory_interval = memory_interval
         self.flush_interval = flush_interval
+        self.max_ui_share = max_ui_share
         self.save_interval = save_interval
         self.engine: ChatEngine | None = None
         self.engine_lock = threading.Lock()
@@ -87,6 +90,13 @@ class ChatApp(App[int]):
         self.load_done = threading.Event()
         self.failure: BaseException | None = None
         self.reply_cancel: threading.Event | None = None  # the latest reply's stop flag
+        self.notices: list[tuple[str, str]] = []  # (severity, message) of every notification shown
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Show a toast (plain text by default: error messages may hold brackets) and keep a log of it."""
+        self.notices.append((severity, str(message)))
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def engine_model_name(self) -> str:
         return getattr(self.engine, "model_name", "") or self.model_label
@@ -142,9 +152,16 @@ class ChatApp(App[int]):
 
     def on_load_failed(self, message: LoadFailed) -> None:
         self.failure = message.error
-        self.exit(130 if isinstance(message.error, (Cancelled, KeyboardInterrupt)) else 1)
+        self.exit(return_code=130 if isinstance(message.error, (Cancelled, KeyboardInterrupt)) else 1)
 
     # -- leaving ----------------------------------------------------------------------------------
+
+    def exit(self, result: int | None = None, return_code: int = 0, message: object = None) -> None:
+        """Leave; a load or reply still running in a thread is told to stop."""
+        self.load_cancel.set()
+        if self.reply_cancel is not None:
+            self.reply_cancel.set()
+        super().exit(result, return_code, message)  # type: ignore[arg-type]
 
     async def action_quit(self) -> None:
         """ctrl+q: stop a streaming reply (it is saved) or a load, then leave."""
@@ -155,7 +172,7 @@ class ChatApp(App[int]):
             self.load_cancel.set()
             if self.failure is None:
                 self.failure = Cancelled("model load cancelled")
-        self.exit(0 if self.engine is not None else 130)
+        self.exit(return_code=0 if self.engine is not None else 130)
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """After `run()`: let the worker threads end, then free the model."""

@@ -2,77 +2,35 @@
 
 from __future__ import annotations
 
-import threading
+import sys
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.message import Message as TMessage
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
-from corral.app.engine_api import Generation, GenerationStats, Message, SamplingSettings
+from corral.app.engine_api import Generation, GenerationStats, Message
 from corral.convert.errors import ContextOverflow, CorralError
 
-from .conversation_list import ConversationListScreen, ListChoice, export_name
-from .help_screen import HelpScreen
-from .memory_view import MemoryScreen
-from .message_view import MessageBox, MessageView, PieceBuffer, ReplyBox
+from .chat_commands import ChatCommands
+from .message_view import MessageBox, MessageView
 from .prompt_input import PromptInput
-from .settings_screen import ChatSettings, SettingsScreen
+from .reply_job import ContextCounted, ReplyDone, ReplyFailed, ReplyJob
 from .status_bar import StatusBar
 
 if TYPE_CHECKING:
     from .app import ChatApp
 
 GENERATING = "generating… (escape stops)"
+GENERATION_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
 PLACEHOLDER = "Type a message. enter sends · ctrl+j newline · f1 help · ctrl+o conversations · ctrl+q quit"
 
 
-@dataclass(eq=False)
-class ReplyJob:
-    """One reply being generated; shared (carefully) between the UI and the worker thread."""
-
-    messages: list[Message]
-    settings: SamplingSettings
-    box: ReplyBox
-    conversation_id: int
-    user_box: MessageBox | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    buffer: PieceBuffer = field(default_factory=PieceBuffer)
-    done: threading.Event = field(default_factory=threading.Event)
-    message_id: int | None = None
-    stopped: bool = False
-    last_save: float = 0.0
-    saved_text: str = ""
-    save_failed: bool = False
-
-
-class ReplyDone(TMessage):
-    def __init__(self, job: ReplyJob, generation: Generation) -> None:
-        super().__init__()
-        self.job = job
-        self.generation = generation
-
-
-class ReplyFailed(TMessage):
-    def __init__(self, job: ReplyJob, error: BaseException) -> None:
-        super().__init__()
-        self.job = job
-        self.error = error
-
-
-class ContextCounted(TMessage):
-    def __init__(self, tokens: int) -> None:
-        super().__init__()
-        self.tokens = tokens
-
-
-class ChatScreen(Screen[None]):
+class ChatScreen(ChatCommands, Screen[None]):
     """Send prompts, stream replies, manage conversations."""
 
     BINDINGS = [
@@ -92,6 +50,7 @@ class ChatScreen(Screen[None]):
         self.conversation_id: int | None = None
         self.system_prompt = ""
         self._timer: Timer | None = None
+        self._switch_interval: float | None = None
 
     @property
     def chat_app(self) -> ChatApp:
@@ -196,12 +155,16 @@ class ChatScreen(Screen[None]):
     async def _start_reply(self, user_box: MessageBox | None) -> None:
         app = self.chat_app
         messages = self.history()
-        box = await self.view.add_reply(min_interval=app.flush_interval)
+        box = await self.view.add_reply(min_interval=app.flush_interval, max_ui_share=app.max_ui_share)
         job = ReplyJob(messages, app.sampling, box, self._ensure_conversation(), user_box=user_box)
         job.last_save = time.monotonic()
         self.job = job
         app.reply_cancel = job.cancel
         self.status.state = GENERATING
+        # The generation thread re-takes the GIL after every C call; do not make it wait 5 ms for it.
+        if self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(GENERATION_SWITCH_INTERVAL)
         self._timer = self.set_interval(app.flush_interval, self._tick)
         self._generate(job)
 
@@ -264,20 +227,32 @@ class ChatScreen(Screen[None]):
 
     async def _finish(self, job: ReplyJob, status: str, stats: GenerationStats | None,
                       final_text: str | None = None) -> None:
+        # Everything the rest of the app can observe is settled before the first await.
+        box = job.box
+        box.queue(job.buffer.drain())
+        replace = final_text is not None and final_text.strip() != box.content.strip()
+        if replace:
+            box.content = final_text or ""
+        box.set_status(status)
         if self.job is job:
-            self.job = None
-            if self._timer is not None:
-                self._timer.stop()
-                self._timer = None
-        await job.box.append(job.buffer.drain())
-        await job.box.flush()
-        if final_text is not None and final_text.strip() != job.box.content.strip():
-            await job.box.replace(final_text)
-        job.box.set_status(status)
+            self._end_job()
         self._save(job, status=status, stats=stats, force=True)
         if stats is not None:
             self.status.show_stats(stats)
         self.status.state = "stopped" if status == "cancelled" else ""
+        if replace:
+            await box.replace(box.content)
+        else:
+            await box.flush()
+
+    def _end_job(self) -> None:
+        self.job = None
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     async def action_stop(self) -> None:
         """Escape: stop now and keep the partial reply; harmless when nothing streams."""
@@ -315,13 +290,11 @@ class ChatScreen(Screen[None]):
         job, error = message.job, message.error
         if job.stopped:
             return
-        nothing_shown = not job.box.content and not job.box._pending
+        job.box.queue(job.buffer.drain())
+        nothing_shown = not job.box.content
         if isinstance(error, ContextOverflow) and nothing_shown:
             if self.job is job:
-                self.job = None
-                if self._timer is not None:
-                    self._timer.stop()
-                    self._timer = None
+                self._end_job()
             await job.box.remove()
             if job.user_box is not None:
                 await self._unsend(job.user_box)
@@ -400,62 +373,3 @@ class ChatScreen(Screen[None]):
         self._refresh_context()
         if conversation.messages and conversation.messages[-1].role == "user":
             self.notify("the last prompt has no reply: ctrl+r generates one", severity="information")
-
-    def action_conversations(self) -> None:
-        screen = ConversationListScreen(self.chat_app.store, self.chat_app.export_dir, self.conversation_id)
-        self.app.push_screen(screen, self._on_list_closed)
-
-    async def _on_list_closed(self, choice: ListChoice | None) -> None:
-        if self.conversation_id is not None:
-            try:
-                self.chat_app.store.get(self.conversation_id)
-            except CorralError:  # deleted from the list
-                await self.action_new_conversation()
-        if choice is None:
-            return
-        if choice.conversation_id is None:
-            await self.action_new_conversation()
-        elif choice.conversation_id != self.conversation_id:
-            await self.load_conversation(choice.conversation_id)
-
-    def action_export(self) -> None:
-        if self.conversation_id is None:
-            self.notify("nothing to export yet", severity="warning")
-            return
-        store = self.chat_app.store
-        try:
-            title = store.get(self.conversation_id).title
-            path = store.write_markdown(self.conversation_id, self.chat_app.export_dir /
-                                        export_name(self.conversation_id, title))
-        except (CorralError, OSError) as exc:
-            self.notify(str(exc), severity="error")
-            return
-        self.notify(f"exported to {path}")
-
-    def action_settings(self) -> None:
-        current = ChatSettings(self.system_prompt, self.chat_app.sampling)
-        self.app.push_screen(SettingsScreen(current), self._on_settings)
-
-    def _on_settings(self, result: ChatSettings | None) -> None:
-        if result is None:
-            return
-        app = self.chat_app
-        app.sampling = result.sampling
-        if result.system_prompt != self.system_prompt:
-            self.system_prompt = result.system_prompt
-            app.system_prompt = result.system_prompt
-            if self.conversation_id is not None:
-                try:
-                    app.store.set_system_prompt(self.conversation_id, result.system_prompt)
-                except CorralError as exc:
-                    self.notify(str(exc), severity="error")
-            self._refresh_context()
-        self.notify("settings saved")
-
-    def action_memory(self) -> None:
-        app = self.chat_app
-        self.app.push_screen(MemoryScreen(getattr(app.engine, "plan", None), app.memory_probe,
-                                          interval=app.memory_interval))
-
-    def action_help(self) -> None:
-        self.app.push_screen(HelpScreen())

@@ -45,7 +45,12 @@ KEY_HELP: list[tuple[str, list[tuple[str, str]]]] = [
     ),
     (
         "Loading, memory view, help",
-        [("escape", "cancel the load / close the view"), ("r", "refresh the memory view now")],
+        [
+            ("escape", "cancel the model load (load screen)"),
+            ("escape / q / f3", "close the memory view"),
+            ("r", "refresh the memory view now"),
+            ("escape / q / f1 / ?", "close this help"),
+        ],
     ),
 ]
 

@@ -123,8 +123,9 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
                 line += f"; {_b(plan.disk_stream_bytes)} read from disk per token"
             parts.append(Text(line, style="dim"))
     table = Table(box=None, padding=(0, 1), header_style="bold")
-    for column in ("Device", "Weights", "KV cache", "Compute+", "Planned", "Capacity", "Live now"):
+    for column in ("Device", "Weights", "KV cache", "Compute+", "Planned", "Capacity"):
         table.add_column(column, justify="left" if column == "Device" else "right", no_wrap=True)
+    table.add_column("Live now", justify="left", ratio=1)
     gpus = {g.index: g for g in live.gpus}
     seen_gpus: set[int] = set()
     for device in getattr(plan, "devices", ()) if plan is not None else ():
@@ -133,8 +134,8 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
             gpu = gpus.get(index if index is not None else -1)
             if gpu is not None:
                 seen_gpus.add(gpu.index)
-                mine = f" (this process {_b(gpu.process_bytes)})" if gpu.process_bytes is not None else ""
-                now = f"{_b(gpu.used_bytes)} of {_b(gpu.total_bytes)} VRAM{mine}"
+                mine = f"; ours {_b(gpu.process_bytes)}" if gpu.process_bytes is not None else ""
+                now = f"{_b(gpu.used_bytes)} VRAM used{mine}"
             else:
                 now = "VRAM: no NVML"
         elif kind == "ram":
@@ -154,8 +155,8 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
         table.add_row("process", "", "", "", "", "", f"{_b(live.rss_bytes)} RSS")
     for gpu in live.gpus:
         if gpu.index not in seen_gpus:
-            table.add_row(f"GPU{gpu.index} {gpu.name} (unused)", "", "", "", "", _b(gpu.total_bytes),
-                          f"{_b(gpu.used_bytes)} VRAM")
+            table.add_row(f"GPU{gpu.index} (not in plan)", "", "", "", "", _b(gpu.total_bytes),
+                          f"{_b(gpu.used_bytes)} VRAM used")
     parts.append(table)
     parts.append(Text("Compute+ = compute buffers plus context/output overhead; Planned = the plan's total.",
                       style="dim"))

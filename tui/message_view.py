@@ -66,35 +66,51 @@ class MessageBox(Vertical):
 
 
 class ReplyBox(MessageBox):
-    """The assistant turn being streamed: `append` adds Markdown at a bounded frame rate."""
+    """The assistant turn being streamed: `append` adds Markdown while keeping the UI thread's CPU share small.
 
-    def __init__(self, *, min_interval: float = 1 / 15) -> None:
+    A render happens at most every `min_interval` seconds and only while the UI thread has used less
+    than `max_ui_share` of the wall time since the previous render (its layout and paint included),
+    so a long reply renders less often instead of slowing the generation thread down; but at least
+    every `max_gap` seconds, so the reply never looks stuck.
+    """
+
+    def __init__(self, *, min_interval: float = 0.1, max_ui_share: float = 0.025, max_gap: float = 1.0) -> None:
         super().__init__("assistant", "", status="streaming")
         self.min_interval = min_interval
+        self.max_ui_share = max_ui_share
+        self.max_gap = max_gap
         self._pending: list[str] = []
         self._busy = False
-        self._next_at = 0.0
+        self._last_wall = 0.0
+        self._last_cpu = 0.0
+        self.renders = 0
 
-    async def append(self, chunk: str, *, force: bool = False) -> None:
-        """Queue `chunk`; render queued text unless the last render was too recent (or `force`)."""
+    def _may_render(self) -> bool:
+        elapsed = time.monotonic() - self._last_wall
+        if elapsed < self.min_interval:
+            return False
+        return elapsed >= self.max_gap or time.thread_time() - self._last_cpu <= self.max_ui_share * elapsed
+
+    def queue(self, chunk: str) -> None:
+        """Add text to the reply (rendered by the next `append`/`flush`)."""
         if chunk:
             self._pending.append(chunk)
             self.content += chunk
-        if self._busy or not self._pending:
-            return
-        now = time.monotonic()
-        if not force and now < self._next_at:
+
+    async def append(self, chunk: str, *, force: bool = False) -> None:
+        """Queue `chunk`; render what is queued when the budget allows (or `force`)."""
+        self.queue(chunk)
+        if self._busy or not self._pending or not (force or self._may_render()):
             return
         text = "".join(self._pending)
         self._pending.clear()
         self._busy = True
+        self._last_wall, self._last_cpu = time.monotonic(), time.thread_time()
         try:
             await self.query_one(Markdown).append(text)
+            self.renders += 1
         finally:
             self._busy = False
-        spent = time.monotonic() - now
-        # Keep the UI thread's share small so the generation thread keeps the CPU (and the GIL).
-        self._next_at = time.monotonic() + max(self.min_interval, 3 * spent)
 
     async def flush(self) -> None:
         """Render everything queued so far."""
@@ -121,8 +137,8 @@ class MessageView(VerticalScroll):
         self.anchor()
         return box
 
-    async def add_reply(self, *, min_interval: float = 1 / 15) -> ReplyBox:
-        box = ReplyBox(min_interval=min_interval)
+    async def add_reply(self, *, min_interval: float = 0.1, max_ui_share: float = 0.025) -> ReplyBox:
+        box = ReplyBox(min_interval=min_interval, max_ui_share=max_ui_share)
         await self.mount(box)
         self.anchor()
         return box

@@ -32,10 +32,14 @@ class PromptInput(TextArea):
             self.prompt_history.append(text)
         self._history_index = None
 
-    def set_text(self, text: str) -> None:
+    def set_text(self, text: str, *, cursor_at_start: bool = False) -> None:
+        """Replace the text; the cursor goes to the end (or the start, so Up keeps walking back)."""
         self.load_text(text)
-        last = self.document.line_count - 1
-        self.move_cursor((last, len(self.document.get_line(last))))
+        if cursor_at_start:
+            self.move_cursor((0, 0))
+        else:
+            last = self.document.line_count - 1
+            self.move_cursor((last, len(self.document.get_line(last))))
 
     async def _on_key(self, event: events.Key) -> None:
         key = event.key
@@ -46,15 +50,19 @@ class PromptInput(TextArea):
         elif key in NEWLINE_KEYS:
             start, end = self.selection
             self.replace("\n", start, end, maintain_selection_offset=False)
-        elif key == "up" and self.cursor_location[0] == 0 and self.prompt_history:
+        elif key == "up" and self.prompt_history and (self._browsing() or self.cursor_location[0] == 0):
             self._history_step(-1)
-        elif key == "down" and self._history_index is not None and self._on_last_line():
+        elif key == "down" and self._history_index is not None and (self._browsing() or self._on_last_line()):
             self._history_step(+1)
         else:
             handled = False
         if handled:
             event.stop()
             event.prevent_default()
+
+    def _browsing(self) -> bool:
+        """A history entry is shown unedited: Up/Down keep walking the history."""
+        return self._history_index is not None and self.text == self.prompt_history[self._history_index]
 
     def _on_last_line(self) -> bool:
         return self.cursor_location[0] == self.document.line_count - 1
@@ -74,4 +82,4 @@ class PromptInput(TextArea):
             self.set_text(self._draft)
             return
         self._history_index = index
-        self.set_text(self.prompt_history[index])
+        self.set_text(self.prompt_history[index], cursor_at_start=step < 0)

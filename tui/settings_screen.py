@@ -76,7 +76,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     yield Label("Top-p")
                     yield Input(str(s.top_p), id="top-p")
                 with Vertical():
-                    yield Label("Max tokens (0 = no limit)")
+                    yield Label("Max tokens (0 = ∞)")
                     yield Input(str(s.max_tokens), id="max-tokens")
                 with Vertical():
                     yield Label("Seed (empty = random)")

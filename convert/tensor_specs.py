@@ -1,0 +1,158 @@
+"""Tensor descriptions and sizes for quantization planning: specs, shapes, byte counts (pure; no llama_cpp).
+
+The size rules follow ggml and GGUF (`ggml_nbytes`, `ggml_n_dims`, `gguf_write` tensor-info records,
+GGUF_DEFAULT_ALIGNMENT); the per-tensor type decision that uses them lives in `quant_rules`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import UsageError
+
+T = GGMLQuantizationType
+
+# GGUF's default alignment (GGUF_DEFAULT_ALIGNMENT in ggml/include/gguf.h).
+GGUF_ALIGNMENT = 32
+
+# Types that are plain numbers, not blocks (ggml_is_quantized() is false for them).
+_NOT_QUANTIZED = frozenset({T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64})
+
+_BLK = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a GGUF model: name, shape in GGUF order (ne0 first) and current type."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class ModelHParams:
+    """The hyper-parameters the quantizer's rules look at (inferred from tensors when not given)."""
+
+    n_layer: int
+    n_head: int = 1
+    n_head_kv: int = 1
+    n_expert: int = 0
+    arch: str = "llama"
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        # models/llama.cpp: 80 layers with grouped-query attention is LLM_TYPE_70B.
+        return self.arch == "llama" and self.n_expert != 8 and self.n_layer == 80 and self.n_head != self.n_head_kv
+
+
+def is_quantized(ggml_type: GGMLQuantizationType) -> bool:
+    """ggml_is_quantized(): block types, not plain floats/ints."""
+    return ggml_type not in _NOT_QUANTIZED
+
+
+def block_size(ggml_type: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[ggml_type][0]
+
+
+def tensor_nbytes(shape: Sequence[int], ggml_type: GGMLQuantizationType) -> int:
+    """Bytes of a tensor of this GGUF shape (ne0 first) stored as `ggml_type`."""
+    blck, type_size = GGML_QUANT_SIZES[ggml_type]
+    ne0 = int(shape[0]) if shape else 1
+    if ne0 % blck:
+        raise UsageError(f"rows of {ne0} values cannot be stored as {ggml_type.name} (block {blck})")
+    rows = 1
+    for n in shape[1:]:
+        rows *= int(n)
+    return rows * (ne0 // blck) * type_size
+
+
+def n_dims(shape: Sequence[int]) -> int:
+    """ggml_n_dims(): trailing dimensions of size 1 do not count; at least 1."""
+    dims = len(shape)
+    while dims > 1 and shape[dims - 1] == 1:
+        dims -= 1
+    return max(dims, 1)
+
+
+def layer_of(name: str) -> int:
+    """Block index of 'blk.N.*', -1 for tensors outside the blocks."""
+    match = _BLK.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def llama_cpp_order(tensors: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The order llama.cpp's loader visits tensors in (weight_name_comparer: by layer, then name)."""
+    return sorted(tensors, key=lambda t: (layer_of(t.name), t.name.encode()))
+
+
+def infer_hparams(tensors: Sequence[TensorSpec], arch: str = "llama") -> ModelHParams:
+    """Block count, head ratio and expert count as far as the tensor shapes tell them."""
+    n_layer = 1 + max((layer_of(t.name) for t in tensors), default=-1)
+    q_rows = k_rows = 0
+    n_expert = 0
+    for t in tensors:
+        if t.name.endswith("attn_q.weight") and len(t.shape) >= 2 and not q_rows:
+            q_rows = t.shape[1]
+        elif t.name.endswith("attn_k.weight") and len(t.shape) >= 2 and not k_rows:
+            k_rows = t.shape[1]
+        elif "_exps." in t.name and len(t.shape) >= 3:
+            n_expert = max(n_expert, t.shape[2])
+    # Only the ratio n_head / n_head_kv matters to the rules; equal head sizes make it q_rows / k_rows.
+    n_head, n_head_kv = (q_rows, k_rows) if q_rows and k_rows else (1, 1)
+    return ModelHParams(n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, n_expert=n_expert, arch=arch)
+
+
+def tensor_info_bytes(name: str, shape: Sequence[int]) -> int:
+    """Bytes of one GGUF tensor-info record (name, dims, type, offset)."""
+    return 8 + len(name.encode()) + 4 + 8 * n_dims(shape) + 4 + 8
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def llama_tensor_specs(
+    *,
+    hidden: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    ffn: int,
+    vocab: int,
+    head_dim: int | None = None,
+    tied_embeddings: bool = False,
+    rope_freqs: bool = True,
+    dtype: GGMLQuantizationType = T.BF16,
+) -> list[TensorSpec]:
+    """The tensors of a Llama-architecture GGUF as our converter writes them (1-D tensors in F32)."""
+    hd = head_dim or hidden // n_heads
+    f32 = T.F32
+    specs = [TensorSpec("token_embd.weight", (hidden, vocab), dtype),
+             TensorSpec("output_norm.weight", (hidden,), f32)]
+    if not tied_embeddings:
+        specs.append(TensorSpec("output.weight", (hidden, vocab), dtype))
+    if rope_freqs:
+        specs.append(TensorSpec("rope_freqs.weight", (hd // 2,), f32))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        specs += [
+            TensorSpec(p + "attn_norm.weight", (hidden,), f32),
+            TensorSpec(p + "attn_q.weight", (hidden, n_heads * hd), dtype),
+            TensorSpec(p + "attn_k.weight", (hidden, n_kv_heads * hd), dtype),
+            TensorSpec(p + "attn_v.weight", (hidden, n_kv_heads * hd), dtype),
+            TensorSpec(p + "attn_output.weight", (n_heads * hd, hidden), dtype),
+            TensorSpec(p + "ffn_norm.weight", (hidden,), f32),
+            TensorSpec(p + "ffn_gate.weight", (hidden, ffn), dtype),
+            TensorSpec(p + "ffn_up.weight", (hidden, ffn), dtype),
+            TensorSpec(p + "ffn_down.weight", (ffn, hidden), dtype),
+        ]
+    return specs

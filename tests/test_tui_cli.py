@@ -1,0 +1,68 @@
+"""`corral chat` on the command line: --list, --export, and clear errors before any UI starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from corral.app.cli import cli
+from corral.app.store import ChatStore, default_store_path
+
+
+def _seed() -> int:
+    with ChatStore() as store:
+        cid = store.new_conversation(model="m.gguf")
+        store.add_message(cid, "user", "What is a GGUF file?")
+        store.update_reply(store.start_reply(cid), "A model file format.", status="stop")
+        return cid
+
+
+def test_list_json_and_text() -> None:
+    cid = _seed()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["chat", "--list", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["id"] == cid and row["title"] == "What is a GGUF file?" and row["messages"] == 2
+    text = runner.invoke(cli, ["chat", "--list"])
+    assert text.exit_code == 0 and f"{cid:>5}" in text.stdout and "What is a GGUF file?" in text.stdout
+
+
+def test_export_markdown_to_stdout() -> None:
+    cid = _seed()
+    result = CliRunner().invoke(cli, ["chat", "--export", str(cid)])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("# What is a GGUF file?\n")
+    assert result.stdout.endswith("## Assistant\n\nA model file format.\n")
+
+
+def test_missing_model_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["chat"])
+    assert result.exit_code == 2
+    assert "missing -m/--model" in result.stderr
+
+
+def test_unknown_conversation_fails_before_loading(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tmp_path / "nope.gguf"), "--resume", "999"])
+    assert result.exit_code == 1
+    assert "no conversation with id 999" in result.stderr
+
+
+def test_not_a_terminal_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "x.gguf"
+    model.write_bytes(b"GGUF")
+    result = CliRunner().invoke(cli, ["chat", "-m", str(model)])
+    assert result.exit_code == 2
+    assert "needs a terminal" in result.stderr
+
+
+def test_corrupt_store_is_reported_with_its_path() -> None:
+    path = default_store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"garbage" * 1000)
+    result = CliRunner().invoke(cli, ["chat", "--list"])
+    assert result.exit_code == 1
+    assert str(path) in result.stderr and "corrupt" in result.stderr
+    assert path.read_bytes() == b"garbage" * 1000  # not replaced
