@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -77,7 +78,17 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cli(prog_name="corral")
+    try:
+        cli(prog_name="corral")
+    except SystemExit as exc:
+        if exc.code != EXIT_INTERRUPTED:
+            raise
+        # Interrupted: every `with` block has already unwound (temp files removed, children
+        # stopped). Leave now rather than wait at interpreter shutdown for worker threads that
+        # may be parked inside a C call.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -50,11 +50,21 @@ def human_bytes(n: float) -> str:
 
 
 @contextmanager
-def byte_progress(description: str, *, enabled: bool = True) -> Iterator[ProgressFn]:
-    """A rich progress bar on stderr with bytes, speed and ETA; yields a ProgressFn."""
+def _progress(description: str, columns: tuple, enabled: bool) -> Iterator[ProgressFn]:
     if not enabled:
         yield lambda done, total, what="": None
         return
+    with Progress(*columns, console=_stderr, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total or None, description=f"{description} {what}".rstrip())
+
+        yield update
+
+
+def byte_progress(description: str, *, enabled: bool = True) -> AbstractContextManager[ProgressFn]:
+    """A rich progress bar on stderr with bytes, speed and ETA; yields a ProgressFn."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -63,21 +73,11 @@ def byte_progress(description: str, *, enabled: bool = True) -> Iterator[Progres
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=_stderr, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int, what: str = "") -> None:
-            bar.update(task, completed=done, total=total or None, description=f"{description} {what}".rstrip())
-
-        yield update
+    return _progress(description, columns, enabled)
 
 
-@contextmanager
-def count_progress(description: str, *, enabled: bool = True) -> Iterator[ProgressFn]:
-    """A rich progress bar on stderr counting items (tensors, tokens)."""
-    if not enabled:
-        yield lambda done, total, what="": None
-        return
+def count_progress(description: str, *, enabled: bool = True) -> AbstractContextManager[ProgressFn]:
+    """A rich progress bar on stderr counting items (tensors, tokens); yields a ProgressFn."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -85,10 +85,4 @@ def count_progress(description: str, *, enabled: bool = True) -> Iterator[Progre
         TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=_stderr, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int, what: str = "") -> None:
-            bar.update(task, completed=done, total=total or None, description=f"{description} {what}".rstrip())
-
-        yield update
+    return _progress(description, columns, enabled)

@@ -19,7 +19,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
 from . import llama_tensors as lt
+from .encode import encode_rows_parallel
 from .errors import InvalidConfig, InvalidSafetensors, UsageError
 from .fp8 import dequantize_rows
-from .ggml_q8 import quantize_q8_0
 from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
 from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint, sampling_kvs
 from .progress import ProgressFn
@@ -257,53 +256,6 @@ def _read_rows(fd: int, info: TensorInfo, row0: int, row1: int) -> np.ndarray:
     return arr.reshape((row1 - row0, *info.shape[1:])) if len(info.shape) > 1 else arr
 
 
-def _bf16_round(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, nearest-even, NaN quieted keeping the sign (gguf-py's rule)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    out = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return out
-
-
-def _encode(values: np.ndarray, src_dtype: str, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Source rows (storage dtype `src_dtype`, or float32 when src_dtype == 'F32') -> output bytes."""
-    if qtype == GGMLQuantizationType.BF16 and src_dtype == "BF16":
-        return values
-    if qtype == GGMLQuantizationType.F16 and src_dtype == "F16":
-        return values
-    f = to_float32(values, src_dtype)
-    if qtype == GGMLQuantizationType.F32:
-        return np.ascontiguousarray(f, dtype=np.float32)
-    if qtype == GGMLQuantizationType.F16:
-        return f.astype(np.float16)
-    if qtype == GGMLQuantizationType.BF16:
-        return _bf16_round(f)
-    if qtype == GGMLQuantizationType.Q8_0:
-        return quantize_q8_0(f.reshape(f.shape[0], -1))
-    raise UsageError(f"cannot write {qtype.name}")
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def _encode_parallel(block: np.ndarray, dtype: str, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
-    """Encode a block of rows on a few threads (numpy and ggml release the GIL); output in row order."""
-    global _POOL
-    n = _workers()
-    if n == 1 or block.ndim < 2 or block.shape[0] < 2 * n:
-        yield _encode(block, dtype, qtype)
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="corral-convert")
-    yield from _POOL.map(lambda part: _encode(part, dtype, qtype), np.array_split(block, n))
-
-
 class _Fds:
     """Read-only file descriptors of the source files, opened on demand."""
 
@@ -359,7 +311,7 @@ def iter_tensor_chunks(
                 if plan.permute_groups:
                     scale = lt.permute_rows(scale.reshape(row1 - row0, -1), plan.permute_groups * (row1 - row0) // rows)
                 block, dtype = dequantize_rows(block, scale), "F32"
-            yield from _encode_parallel(block, dtype, plan.ggml_type)
+            yield from encode_rows_parallel(block, dtype, plan.ggml_type)
     finally:
         if own:
             fds.close()

@@ -10,6 +10,7 @@ Lower-level API (used by the converter and by the streaming quantizer):
             w.copy_from(fd, offset, length)      # or move bytes straight from another file
             w.end_tensor()                       # checks the byte count, pads to the alignment
     # -> all shards renamed into place atomically; on any exception nothing is left at `out`.
+    # A full disk or quota (ENOSPC/EDQUOT) while writing surfaces as InsufficientDisk naming `out`.
 
 `kvs` is a list of (key, value, GGUFValueType); array element types are inferred like gguf-py
 (str -> STRING, bool -> BOOL, int -> INT32, float -> FLOAT32). The file layout follows gguf-py's
@@ -43,7 +44,7 @@ from gguf import (
 )
 
 from .atomic import atomic_outputs, check_free_space, check_output_path
-from .errors import CorralError, UsageError
+from .errors import CorralError, InsufficientDisk, UsageError
 from .progress import ProgressFn, no_progress
 
 KV = tuple[str, Any, GGUFValueType]
@@ -180,6 +181,16 @@ def parse_size(text: str) -> int:
     return n * mult
 
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(exc: BaseException | None, out: Path) -> InsufficientDisk | None:
+    """InsufficientDisk naming `out` when `exc` is an OSError for a full disk or quota (else None)."""
+    if isinstance(exc, InsufficientDisk) or not isinstance(exc, OSError) or exc.errno not in _DISK_FULL_ERRNOS:
+        return None
+    return InsufficientDisk(f"disk full while writing the output ({exc.strerror or os.strerror(exc.errno)})", path=out)
+
+
 def _write_all(fh: BinaryIO, data: Any) -> int:
     view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(np.ascontiguousarray(data)).cast("B")
     done = 0
@@ -237,8 +248,11 @@ class GGUFStreamWriter:
                 fh = self._stack.enter_context(open(tmp, "wb", buffering=0))
                 _write_all(fh, header)
                 self._files.append(fh)
-        except BaseException:
+        except BaseException as exc:
             self._stack.__exit__(*sys.exc_info())
+            full = disk_full_error(exc, self.out)
+            if full is not None:
+                raise full from exc
             raise
         return self
 
@@ -249,7 +263,16 @@ class GGUFStreamWriter:
             err = CorralError(f"GGUF writer closed before tensor {missing!r} was written", path=self.out)
             self._stack.__exit__(CorralError, err, None)
             raise err
-        self._stack.__exit__(exc_type, exc, tb)
+        try:
+            self._stack.__exit__(exc_type, exc, tb)  # removes the temp files on error, fsyncs + renames on success
+        except OSError as err:  # fsync or rename of the finished file
+            full = disk_full_error(err, self.out)
+            if full is not None:
+                raise full from err
+            raise
+        full = disk_full_error(exc, self.out)  # a write, copy or padding inside the `with` block
+        if full is not None:
+            raise full from exc
         return False
 
     # -- data ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .safetensors_io import TensorInfo, read_header
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 # Tensors a checkpoint may carry that the GGUF file does not need.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias", ".input_scale_ub", ".input_scale")
@@ -177,6 +178,15 @@ def load_config(folder: Path) -> LlamaConfig:
     return parse_config(_load_json(path), path)
 
 
+def check_tokenizer_config(folder: Path) -> None:
+    """Refuse a folder without tokenizer_config.json (BOS/EOS settings; the chat template may be in chat_template.jinja)."""
+    path = folder / TOKENIZER_CONFIG_NAME
+    if not path.is_file():
+        raise InvalidConfig(
+            f"{TOKENIZER_CONFIG_NAME} is missing (needed for the BOS/EOS settings and the chat template)", path=path
+        )
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint, sorted by name (from the index when there is one)."""
     index = folder / INDEX_NAME
@@ -231,6 +241,7 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise InvalidConfig("expected a Hugging Face checkpoint folder", path=folder)
     config = load_config(folder)
+    check_tokenizer_config(folder)
     files = weight_files(folder)
     tensors: dict[str, TensorInfo] = {}
     for file in files:

@@ -78,6 +78,11 @@ def _fail(path: Path, message: str) -> InvalidSafetensors:
     return InvalidSafetensors(f"invalid safetensors header: {message}", path=path)
 
 
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (JSON booleans are refused, though Python counts them as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate the header of one safetensors file (no tensor data is read)."""
     path = Path(path)
@@ -108,6 +113,8 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, f"header is not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError as exc:  # json.loads recurses once per nesting level
+        raise _fail(path, "header JSON is nested too deeply") from exc
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
     data_start = 8 + len(raw)
@@ -126,12 +133,12 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         offsets = info.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise _fail(path, f"tensor {name!r} has a bad shape {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise _fail(path, f"tensor {name!r} has bad data_offsets {offsets!r}")

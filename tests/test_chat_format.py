@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from corral.app.chat_format import (
     TemplateRaised,
     builtin_llama3_prompt,
     drop_oldest_turns,
+    expanded_chars,
 )
 from corral.app.engine_api import Message
 from corral.convert.errors import TemplateError, UsageError
@@ -152,6 +155,93 @@ def test_guarded_operators_still_work() -> None:
     text = ChatTemplate(source).render(CHAT[1:3], bos_token=BOS, eos_token=EOT)
     assert text == ("<user>Hi there<|eot_id|><assistant>Hello!<|eot_id|>user/assistant|1, 2|ab|[7x]"
                     f"|{2 ** 60}|12|a-b|a b")
+
+
+def test_expanded_size_counts_shared_parts_without_building_them() -> None:
+    from jinja2.utils import Namespace
+
+    shared: list = [1]
+    for _ in range(16):
+        shared = [shared, shared]
+    assert expanded_chars(shared, 10**9) == len(str(shared)) == 458_748
+    mixed = [1, [2, "ab"], {"k": (3,)}, "q", (), {}]
+    assert len(str(mixed)) - 4 <= expanded_chars(mixed, 10**9) <= len(str(mixed))
+    ns = Namespace(a=[1, 2], b="x")
+    assert expanded_chars(ns, 10**9) == len(str(ns))
+    for _ in range(184):  # 200 doublings in all: 201 distinct lists, about 2**200 characters when printed
+        shared = [shared, shared]
+    start = time.monotonic()
+    assert expanded_chars(shared, 10**100) > 2**200
+    assert expanded_chars(shared, 1000) <= 2000  # stops soon after passing the cap
+    assert time.monotonic() - start < 0.1
+    deep: list = []
+    for _ in range(100_000):  # deeper than Python's recursion limit: the walk is iterative
+        deep = [deep]
+    assert expanded_chars(deep, 10**9) == 200_002
+
+
+def test_small_containers_still_print_and_compare() -> None:
+    source = ("{% set ns = namespace(l=[1, 'a']) %}{{ ns.l }}|{{ {'k': ns.l}|tojson }}|{{ ns.l == [1, 'a'] }}"
+              "|{{ 'a' in ns.l }}|{{ ns.l is eq([1]) }}|{{ ns.l|join('-') }}|{{ 'x' ~ ns.l }}|{{ '%s' % (ns.l,) }}"
+              "|{{ ns.l|string }}|{{ messages|map(attribute='role')|list }}")
+    text = ChatTemplate(source).render(CHAT[1:3], bos_token=BOS, eos_token=EOT)
+    assert text == ("[1, 'a']|{\"k\": [1, \"a\"]}|True|True|False|1-a|x[1, 'a']|[1, 'a']|[1, 'a']"
+                    "|['user', 'assistant']")
+
+
+# A list built by reference: 40 doublings of `[x, x]` hold 41 small lists in memory, but printing,
+# serializing or comparing one walks 2**40 elements in C code that the time budget cannot interrupt.
+BY_REFERENCE = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}"
+TWICE = BY_REFERENCE + "{% set a = ns.l %}{% set ns.l = [1] %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}" \
+    "{% endfor %}"
+SHARED_EXPLOSIONS = {
+    "print": BY_REFERENCE + "{{ ns.l }}",
+    "tilde": BY_REFERENCE + "{{ 'x' ~ ns.l }}",
+    "tojson": BY_REFERENCE + "{{ ns.l | tojson }}",
+    "string": BY_REFERENCE + "{{ ns.l | string | length }}",
+    "join": BY_REFERENCE + "{{ ns.l | join(',') }}",
+    "printf": BY_REFERENCE + "{{ '%s' % (ns.l,) }}",
+    "format_method": BY_REFERENCE + "{{ '{}'.format(ns.l) }}",
+    "captured": BY_REFERENCE + "{% set t %}{{ ns.l }}{% endset %}{{ t | length }}",
+    "compare": TWICE + "{{ a == ns.l }}",
+    "eq_test": TWICE + "{{ a is eq(ns.l) }}",
+    "in": BY_REFERENCE + "{{ [1] in ns.l }}",
+    "dict": "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}"
+    "{% endfor %}{{ ns.d }}",
+    "namespace": "{% set ns = namespace(n=namespace()) %}{% for i in range(40) %}"
+    "{% set ns.n = namespace(a=ns.n, b=ns.n) %}{% endfor %}{{ ns }}",
+    "varargs": "{% set ns = namespace(l=1) %}{% macro m() %}{% set ns.l = varargs %}{% endmacro %}"
+    "{% for i in range(40) %}{{ m(ns.l, ns.l) }}{% endfor %}{{ ns.l }}",
+}
+_SHARED_PROBE = """
+import json, resource, sys, time
+from corral.app.chat_format import ChatFormatter, TemplateLimits
+from corral.app.engine_api import Message
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+for name, source in json.loads(sys.stdin.read()).items():
+    # a generous time budget, so that only the size guards (not the clock) can stop the expansion
+    f = ChatFormatter(source, limits=TemplateLimits(max_seconds=30.0))
+    t = time.monotonic()
+    f.format([Message("user", "hi")])
+    out[name] = [round(time.monotonic() - t, 3), f.using_builtin, f.warnings[-1] if f.warnings else ""]
+out["grew_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(json.dumps(out))
+"""
+
+
+def test_containers_built_by_reference_are_refused_before_they_expand() -> None:
+    """Each case falls back quickly, with the size guard's reason (isolated process, 3 GiB address space)."""
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+    proc = subprocess.run([sys.executable, "-c", limit + _SHARED_PROBE], input=json.dumps(SHARED_EXPLOSIONS).encode(),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = json.loads(proc.stdout)
+    assert out.pop("grew_mb") < 128
+    assert sorted(out) == sorted(SHARED_EXPLOSIONS)
+    for name, (seconds, fell_back, warning) in out.items():
+        assert fell_back and "exceeded its limits" in warning, (name, warning)
+        assert seconds < 1.0, (name, seconds)
 
 
 def test_endless_loop_hits_the_time_limit_and_tracing_is_restored() -> None:

@@ -93,6 +93,9 @@ def test_bf16_rounding_matches_torch() -> None:
         ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, "bad data_offsets"),
         ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+        # JSON booleans are Python ints: `true` must not pass as a dimension or an offset
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
+        ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [False, True]}}, b"\0", "bad data_offsets"),
     ],
 )
 def test_invalid_headers_are_rejected(tmp_path: Path, header: dict, data: bytes, message: str) -> None:

@@ -14,12 +14,7 @@ from corral.convert.safetensors_io import read_header
 from .conftest import assert_clean_failure, fingerprint, invoke, temp_leftovers
 from .corpus import HF_CASES, copy_checkpoint, good_safetensors, safetensors_cases
 
-_DEEP = pytest.mark.xfail(strict=True, reason="safetensors_io.parse_header: deeply nested JSON raises RecursionError "
-                          "from json.loads (should be InvalidSafetensors)")
-ST_CASES = [pytest.param(c, marks=_DEEP, id=c.name) if c.name == "st_header_deeply_nested" else
-            pytest.param(c, id=c.name) for c in safetensors_cases()]
-_NO_TOKCONFIG = pytest.mark.xfail(strict=True, reason="hf_checkpoint: a missing tokenizer_config.json is accepted "
-                                  "silently (no chat template, no BOS/EOS settings) instead of being refused")
+ST_CASES = [pytest.param(c, id=c.name) for c in safetensors_cases()]
 
 
 @pytest.mark.parametrize("case", ST_CASES)
@@ -58,8 +53,7 @@ def test_convert_refuses_bad_shard(case, mini_checkpoint: Path, tmp_path: Path) 
     assert not out.exists() and not temp_leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_TOKCONFIG) if n == "hf_missing_tokenizer_config" else n
-                                  for n in sorted(HF_CASES)])
+@pytest.mark.parametrize("name", sorted(HF_CASES))
 def test_convert_refuses_bad_folder(name: str, mini_checkpoint: Path, tmp_path: Path) -> None:
     breaker, expect = HF_CASES[name]
     folder = copy_checkpoint(mini_checkpoint, tmp_path / "ckpt")

@@ -98,11 +98,6 @@ def test_free_space_precheck_without_mount(mini_checkpoint: Path, tmp_path: Path
     assert not out.exists() and not temp_leftovers(tmp_path)
 
 
-_ENOSPC_NAME = pytest.mark.xfail(strict=True, reason="gguf_writer/converter: a write error surfaces as a bare "
-                                 "'No space left on device' that does not name the output file (cleanup works)")
-
-
-@_ENOSPC_NAME
 def test_convert_enospc_mid_write_real(mini_checkpoint: Path, small_disk: Path, monkeypatch) -> None:
     """The pre-check is fooled, so the disk really fills up half-way: the temp file must go."""
     import corral.convert.gguf_writer as gw
@@ -114,7 +109,6 @@ def test_convert_enospc_mid_write_real(mini_checkpoint: Path, small_disk: Path, 
     assert_clean_failure(result, names=out, expect=r"no space left", codes=(1,))
 
 
-@_ENOSPC_NAME
 def test_convert_enospc_mid_write_simulated(mini_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     """ENOSPC raised by the writer's own file write after a few chunks (no mount needed)."""
     import corral.convert.gguf_writer as gw
