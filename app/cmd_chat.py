@@ -75,9 +75,10 @@ def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, expo
             raise UsageError("missing -m/--model MODEL.gguf")
         if resume is not None:
             store.get(resume)  # a bad id fails here, before the model loads
+        # validate the model and plan first, so a bad file is named even without a terminal
+        factory, label, headline = _engine_factory(args.model, args)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise UsageError("corral chat needs a terminal; use `corral ask` in scripts and pipes")
-        factory, label, headline = _engine_factory(args.model, args)
         _run_app(factory, store, args, label, headline, resume, new, export_dir)
     finally:
         store.close()

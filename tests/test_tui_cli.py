@@ -50,12 +50,18 @@ def test_unknown_conversation_fails_before_loading(tmp_path: Path) -> None:
     assert "no conversation with id 999" in result.stderr
 
 
-def test_not_a_terminal_is_refused(tmp_path: Path) -> None:
+def test_not_a_terminal_is_refused(mini_gguf_f32: Path) -> None:
+    result = CliRunner().invoke(cli, ["chat", "-m", str(mini_gguf_f32)])
+    assert result.exit_code == 2
+    assert "needs a terminal" in result.stderr
+
+
+def test_bad_model_is_named_even_without_a_terminal(tmp_path: Path) -> None:
     model = tmp_path / "x.gguf"
     model.write_bytes(b"GGUF")
     result = CliRunner().invoke(cli, ["chat", "-m", str(model)])
     assert result.exit_code == 2
-    assert "needs a terminal" in result.stderr
+    assert str(model) in result.stderr and "not a GGUF file" in result.stderr
 
 
 def test_corrupt_store_is_reported_with_its_path() -> None:
