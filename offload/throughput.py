@@ -16,17 +16,23 @@ T = GGMLQuantizationType
 # CPU matrix-vector throughput per thread (weights/s) of llama.cpp's AVX2 kernels, by weight type. Decode on
 # the CPU runs at min(RAM bandwidth, threads x this): on few cores the dequantizing dot products are the
 # limit, on many the memory is. Calibrated with bench/bench_plan.py (miniature models, 2-core AVX2 VM).
+# The relative speeds of the types come from llama.cpp's kernels; the overall scale was fitted on an idle
+# machine (an earlier fit under CPU contention read 3.2x too slow).
+_RATE_SCALE = 3.2
 CPU_WEIGHTS_PER_S: dict[GGMLQuantizationType, float] = {
-    T.F32: 2.0e9, T.F16: 3.0e9, T.BF16: 3.0e9, T.Q8_0: 4.5e9, T.Q4_0: 5.0e9, T.Q4_K: 5.0e9, T.Q5_K: 4.0e9,
-    T.Q6_K: 4.5e9, T.Q3_K: 3.0e9, T.Q2_K: 3.0e9, T.IQ4_XS: 3.5e9, T.IQ4_NL: 4.0e9,
+    t: r * _RATE_SCALE
+    for t, r in {
+        T.F32: 2.0e9, T.F16: 3.0e9, T.BF16: 3.0e9, T.Q8_0: 4.5e9, T.Q4_0: 5.0e9, T.Q4_K: 5.0e9, T.Q5_K: 4.0e9,
+        T.Q6_K: 4.5e9, T.Q3_K: 3.0e9, T.Q2_K: 3.0e9, T.IQ4_XS: 3.5e9, T.IQ4_NL: 4.0e9,
+    }.items()
 }
-DEFAULT_CPU_WEIGHTS_PER_S = 2.0e9  # IQ1/IQ2/IQ3 codebook types and anything unlisted
+DEFAULT_CPU_WEIGHTS_PER_S = 2.0e9 * _RATE_SCALE  # IQ1/IQ2/IQ3 codebook types and anything unlisted
 RAM_EFFICIENCY = 0.8  # fraction of measured read bandwidth llama.cpp's threads reach on big models
 # Per generated token outside the weights: graph build, llama-cpp-python's logits copy and sampling
 # (proportional to the vocabulary), per-layer kernel launches. Calibrated like the above.
-TOKEN_FIXED_S = 1.5e-3
-TOKEN_PER_VOCAB_S = 1.0e-8
-TOKEN_PER_LAYER_S = 6.0e-5
+TOKEN_FIXED_S = 1.05e-3
+TOKEN_PER_VOCAB_S = 0.7e-8
+TOKEN_PER_LAYER_S = 4.2e-5
 GPU_TOKEN_PER_LAYER_S = 1.5e-5
 # Prompt processing: sustained matmul FLOP/s per CPU thread (AVX2 FMA, llama.cpp's gemm) and per GPU as a
 # multiple of its memory bandwidth (tensor-core FLOPs track bandwidth within ~2x across NVIDIA generations).
