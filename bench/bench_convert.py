@@ -41,8 +41,7 @@ class Run:
 
 def _ref_converter() -> Path:
     for c in (os.environ.get("CORRAL_REF_CONVERTER", ""),
-              str(REPO / ".venv/reference/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"),
-              "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"):
+              str(REPO / ".venv/reference/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")):
         if c and Path(c).is_file():
             return Path(c)
     raise SystemExit("llama.cpp's convert_hf_to_gguf.py not found: set CORRAL_REF_CONVERTER or run `make venv`")

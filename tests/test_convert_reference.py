@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 _CANDIDATES = [
     os.environ.get("CORRAL_REF_CONVERTER", ""),
     str(REPO / ".venv/reference/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"),
-    "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py",
 ]
 REF_CONVERTER = next((Path(c) for c in _CANDIDATES if c and Path(c).is_file()), None)
 # Keys that name or describe the source (folder name, size label) rather than the model.
