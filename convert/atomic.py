@@ -28,8 +28,7 @@ def check_output_path(path: str | Path, *, force: bool) -> Path:
         raise OutputExists("output already exists (use --force to overwrite)", path=target)
     if target.exists() and target.is_dir():
         raise OutputExists("output path is a directory", path=target)
-    parent = target.parent if str(target.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     return target
 
 
@@ -48,7 +47,7 @@ def check_free_space(folder: str | Path, needed_bytes: int) -> None:
 
 def temp_path_beside(target: Path) -> Path:
     """A fresh, unique temporary path in the target's folder (created empty)."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".corral-tmp", dir=target.parent or ".")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".corral-tmp", dir=target.parent)
     os.close(fd)
     return Path(name)
 

@@ -172,16 +172,10 @@ class _Cursor:
         return value
 
     def string(self, what: str) -> str:
-        length = self.scalar("<Q", what)
-        if length > MAX_STRING_BYTES:
-            raise self.fail(f"{what} is {length:,} bytes long (limit {MAX_STRING_BYTES:,})")
-        self.need(length, what)
-        raw = bytes(self.buf[self.pos : self.pos + length])
-        self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return self.strings(1, what)[0]
 
     def strings(self, count: int, what: str) -> list[str]:
-        """An array of `count` strings (the vocabulary: hundreds of thousands, so a tight loop)."""
+        """`count` strings in a row (a vocabulary holds hundreds of thousands, hence the tight loop)."""
         buf, pos, size = self.buf, self.pos, self.size
         unpack = _U64.unpack_from
         out: list[str] = [""] * count
@@ -191,18 +185,14 @@ class _Cursor:
                 raise self.fail(f"truncated while reading {what} at byte {pos}")
             (length,) = unpack(buf, pos)
             pos += 8
-            if length > MAX_STRING_BYTES or pos + length > size:
-                self.pos = pos
-                self.string_error(length, what)
+            if length > MAX_STRING_BYTES:
+                raise self.fail(f"{what} is {length:,} bytes long (limit {MAX_STRING_BYTES:,})")
+            if pos + length > size:
+                raise self.fail(f"truncated while reading {what} at byte {pos}")
             out[i] = buf[pos : pos + length].decode("utf-8", errors="replace")
             pos += length
         self.pos = pos
         return out
-
-    def string_error(self, length: int, what: str) -> None:
-        if length > MAX_STRING_BYTES:
-            raise self.fail(f"{what} is {length:,} bytes long (limit {MAX_STRING_BYTES:,})")
-        raise self.fail(f"truncated while reading {what} at byte {self.pos}")
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
