@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gguf import GGMLQuantizationType, GGUFValueType, Keys
+from gguf import GGUFValueType, Keys
 
 from corral.convert import quant_rules, quant_types
 from corral.convert.gguf_writer import TensorSpec, build_header, pad_to
-from corral.offload import catalog
+from corral.offload import catalog, memory
+from corral.offload.profile import shape_tensor_types
 
-T = GGMLQuantizationType
 MiB = 1024**2
 
 
@@ -40,15 +40,7 @@ def tokenizer_kvs(folder: Path) -> list[tuple[str, Any, GGUFValueType]]:
 def synth_gguf(path: Path, shape: catalog.ModelShape, quant: str, tok_kvs: list, *, sparse: bool = True) -> Path:
     """A Llama GGUF with `shape`, tensor types as llama.cpp's quantizer would choose for `quant`, all-zero data
     (a sparse file). llama.cpp loads it like any model: its buffer sizes are real."""
-    info = quant_types.file_type(quant)
-    specs = quant_rules.llama_tensor_specs(
-        hidden=shape.n_embd, n_layers=shape.n_layer, n_heads=shape.n_head, n_kv_heads=shape.n_head_kv,
-        ffn=shape.n_ff, vocab=shape.n_vocab, head_dim=shape.head_dim, tied_embeddings=shape.tie_embeddings,
-        rope_freqs=shape.rope_freqs, dtype=T.BF16)
-    if info.default_type in (T.F32, T.F16, T.BF16):
-        types = {s.name: (s.ggml_type if len(s.shape) == 1 else info.default_type) for s in specs}
-    else:
-        types = quant_rules.target_types(specs, info.ftype, has_imatrix=info.needs_imatrix)
+    info, specs, types = shape_tensor_types(shape, quant)
     tensors = [TensorSpec(s.name, tuple(s.shape), types[s.name], quant_rules.tensor_nbytes(s.shape, types[s.name]))
                for s in quant_rules.llama_cpp_order(specs)]
     u32, f32, s_ = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
@@ -228,7 +220,6 @@ def main() -> int:
                 if label == "70B" and not fa:
                     continue
                 real = llama_buffers(path, n_ctx=ctx, flash_attn=fa, no_alloc=True)["CPU compute"]
-                from corral.offload import memory
                 pred = memory.compute_buffer_bytes(profile_from_gguf(path), ctx, 512, fa)
                 print(f"| {label} (compute only, no_alloc) | Q4_K_M | {ctx} fa={fa} | {real / MiB:.1f} | "
                       f"{pred / MiB:.1f} | {pred / real:.4f} |")

@@ -37,10 +37,10 @@ class PlanOptions:
 def plan_model(model: str | Path, options: PlanOptions = PlanOptions(), hardware: Hardware | None = None) -> Plan:
     """Plan where every tensor of `model` goes on `hardware` (detected when None)."""
     profile, notes = load_profile(model, options.quant)
+    path = profile.files[0] if profile.files else None
     if hardware is None:
-        hardware = detect_hardware(profile.files[0] if profile.files else None)
-    path = str(profile.files[0]) if profile.files else None
-    return plan_profile(profile, options, hardware, notes=notes, model_path=path)
+        hardware = detect_hardware(path)
+    return plan_profile(profile, options, hardware, notes=notes, model_path=str(path) if path else None)
 
 
 def _validate(o: PlanOptions) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from corral.convert.errors import UsageError
 
@@ -45,7 +45,7 @@ def _build() -> dict[str, ModelShape]:
     for key, shape in _BASE.items():
         if key != "llama-3.3-70b":
             out[key] = shape
-        out[f"{key}-instruct"] = ModelShape(**{**shape.__dict__, "name": f"{shape.name} Instruct"})
+        out[f"{key}-instruct"] = replace(shape, name=f"{shape.name} Instruct")
     return out
 
 

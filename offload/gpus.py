@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 from corral.convert.errors import UsageError
 
-KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
-TiB = 1024**4
-GB = 1000**3
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from corral.convert.errors import InputNotFound, InvalidFile, UsageError
 
-from .gpus import GB, GiB, GPUSpec, find_gpu
+from .gpus import GiB, GPUSpec, find_gpu
 
 # Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
 DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read
@@ -251,11 +251,14 @@ def _read_cache(cache: Path | None) -> dict[str, Any]:
 
 def cached_bandwidth(path: str | Path | None = None, *, cache: Path | None = None) -> dict[str, float]:
     """Bandwidths measured earlier on this machine ({} when never measured)."""
-    data = _read_cache(cache)
+    return _cached(_read_cache(cache), Path(path) if path else Path.cwd())
+
+
+def _cached(data: dict[str, Any], where: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     if isinstance(data.get("ram"), (int, float)):
         out["ram"] = float(data["ram"])
-    key = _disk_key(Path(path) if path else Path.cwd())
+    key = _disk_key(where)
     if isinstance(data.get(key), (int, float)):
         out["disk"] = float(data[key])
     return out
@@ -265,10 +268,10 @@ def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = No
                       force: bool = False) -> dict[str, float]:
     """RAM read and disk read bandwidth (bytes/s), measured once per machine/filesystem and cached as JSON."""
     where = Path(path) if path else Path.cwd()
-    have = {} if force else cached_bandwidth(where, cache=cache)
+    data = _read_cache(cache)
+    have = {} if force else _cached(data, where)
     if "ram" in have and "disk" in have:
         return have
-    data = _read_cache(cache)
     if "ram" not in have:
         have["ram"] = measure_ram_bandwidth()
         data["ram"] = have["ram"]
@@ -386,5 +389,5 @@ def what_if(base: Hardware, *, gpus: list[GPUSpec] | None = None, ram: int | Non
     return hw
 
 
-__all__ = ["GB", "GPU", "Hardware", "cached_bandwidth", "detect_hardware", "hardware_from_json",
+__all__ = ["GPU", "Hardware", "cached_bandwidth", "detect_hardware", "hardware_from_json",
            "load_hardware_file", "measure_bandwidth", "probe_gpus", "what_if"]

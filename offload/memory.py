@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from corral.convert.errors import UsageError
+from corral.convert.gguf_file import tensor_nbytes
 
+from .gpus import MiB
 from .profile import ModelProfile, TensorInfo
 
 T = GGMLQuantizationType
-MiB = 1024**2
-GiB = 1024**3
 
 CTX_PAD = 256
 KV_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "bf16": T.BF16,
@@ -54,19 +54,13 @@ def kv_type(name: str) -> GGMLQuantizationType:
         raise UsageError(f"unknown KV cache type {name!r}: choose f16, q8_0 or q4_0") from None
 
 
-def row_bytes(ggml_type: GGMLQuantizationType, n: int) -> int:
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    return n // block * size
-
-
 def pad_ctx(n_ctx: int) -> int:
     return -(-max(1, int(n_ctx)) // CTX_PAD) * CTX_PAD
 
 
 def kv_bytes_per_layer(profile: ModelProfile, n_ctx: int, kv: str = "f16") -> int:
     """K and V of one layer for n_ctx cells (n_ctx already padded)."""
-    t = kv_type(kv)
-    return 2 * row_bytes(t, profile.n_embd_kv) * n_ctx
+    return 2 * tensor_nbytes((profile.n_embd_kv,), kv_type(kv)) * n_ctx
 
 
 def batches(n_ctx: int, n_batch: int, n_ubatch: int) -> tuple[int, int]:
@@ -131,26 +125,28 @@ REPACK_AVX2 = frozenset({T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4})
 REPACK_AVX512 = REPACK_AVX2 | {T.Q2_K}
 
 
-def is_repacked(t: TensorInfo, cpu_flags: Iterable[str], has_gpu: bool) -> bool:
-    """Whether llama.cpp's CPU backend keeps a repacked copy of this tensor (see module docstring)."""
-    if has_gpu or t.kind not in ("attn", "ffn", "output") or len(t.shape) != 2:
-        return False
-    flags = set(cpu_flags)
-    if "avx2" not in flags:
-        return False
-    types = REPACK_AVX512 if "avx512f" in flags else REPACK_AVX2
-    return t.ggml_type in types and t.shape[1] % 8 == 0
+def repack_types(cpu_flags: Iterable[str], has_gpu: bool) -> frozenset[GGMLQuantizationType]:
+    """The weight types llama.cpp's CPU backend keeps repacked copies of (see module docstring)."""
+    flags = frozenset(cpu_flags)
+    if has_gpu or "avx2" not in flags:
+        return frozenset()
+    return REPACK_AVX512 if "avx512f" in flags else REPACK_AVX2
 
 
-def cpu_buffers(profile: ModelProfile, cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str],
-                has_gpu: bool) -> dict[str, int]:
+def is_repacked(t: TensorInfo, types: frozenset[GGMLQuantizationType]) -> bool:
+    """Whether llama.cpp's CPU backend keeps a repacked copy of this tensor, given repack_types(...)."""
+    return (t.ggml_type in types and t.kind in ("attn", "ffn", "output") and len(t.shape) == 2
+            and t.shape[1] % 8 == 0)
+
+
+def cpu_buffers(cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str], has_gpu: bool) -> dict[str, int]:
     """llama.cpp's own accounting of CPU weight buffers: CPU_Mapped is the file range spanning the mapped
     tensors of each file (gaps included), CPU_REPACK the repacked copies; also the bytes really used."""
-    flags = frozenset(cpu_flags)
+    types = repack_types(cpu_flags, has_gpu)
     ranges: dict[int, list[int]] = {}
     mapped = repack = 0
     for t in cpu_tensors:
-        if is_repacked(t, flags, has_gpu):
+        if is_repacked(t, types):
             repack += _pad(t.nbytes, TENSOR_ALIGNMENT)
             continue
         mapped += t.nbytes

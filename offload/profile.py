@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gguf import GGMLQuantizationType, Keys, LlamaFileType
 
-from corral.convert.errors import InputNotFound, InvalidConfig, InvalidGGUF, UnsupportedModel, UsageError
+from corral.convert.errors import InputNotFound, InvalidConfig, InvalidGGUF, UnsupportedModel
 
 from . import catalog
+
+if TYPE_CHECKING:
+    from corral.convert.quant_types import FileTypeInfo
+    from corral.convert.tensor_specs import TensorSpec
 
 T = GGMLQuantizationType
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
@@ -56,6 +61,9 @@ class TensorInfo:
         return {"token_embd": "embd", "output": "output", "output_norm": "output_norm",
                 "rope_freqs": "rope"}.get(base, "other")
 
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,7 @@ class ModelProfile:
 
     @cached_property
     def n_params(self) -> int:
-        n = 0
-        for t in self.tensors:
-            c = 1
-            for d in t.shape:
-                c *= d
-            n += c
-        return n
+        return sum(t.n_elements for t in self.tensors)
 
     @cached_property
     def by_layer(self) -> tuple[tuple[TensorInfo, ...], ...]:
@@ -171,9 +173,13 @@ def _dominant_type(tensors: tuple[TensorInfo, ...]) -> str:
 
 # ---------------------------------------------------------------- shapes + target quant
 
-def profile_from_shape(shape: catalog.ModelShape, quant: str, *, source: str = "catalog",
-                       base_type: GGMLQuantizationType = T.BF16) -> ModelProfile:
-    """Profile of a model not yet quantized: llama.cpp's per-tensor type rules for `quant` on these shapes."""
+_FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+def shape_tensor_types(shape: catalog.ModelShape, quant: str, base_type: GGMLQuantizationType = T.BF16
+                       ) -> tuple[FileTypeInfo, list[TensorSpec], dict[str, GGMLQuantizationType]]:
+    """(file type info, tensor specs, name -> type) of a Llama model with `shape` quantized to `quant`, by
+    llama.cpp's per-tensor type rules (float types: every matrix in that type, vectors as they are)."""
     from corral.convert import quant_rules, quant_types
 
     info = quant_types.file_type(quant)
@@ -181,18 +187,28 @@ def profile_from_shape(shape: catalog.ModelShape, quant: str, *, source: str = "
         hidden=shape.n_embd, n_layers=shape.n_layer, n_heads=shape.n_head, n_kv_heads=shape.n_head_kv,
         ffn=shape.n_ff, vocab=shape.n_vocab, head_dim=shape.head_dim, tied_embeddings=shape.tie_embeddings,
         rope_freqs=shape.rope_freqs, dtype=base_type)
-    if info.default_type in (T.F32, T.F16, T.BF16):
+    if info.default_type in _FLOAT_TYPES:
         types = {s.name: (s.ggml_type if len(s.shape) == 1 else info.default_type) for s in specs}
     else:
         types = quant_rules.target_types(specs, info.ftype, has_imatrix=info.needs_imatrix)
-    tensors = tuple(TensorInfo(s.name, tuple(s.shape), types[s.name],
-                               quant_rules.tensor_nbytes(s.shape, types[s.name])) for s in specs)
-    if info.default_type in (T.F32, T.F16, T.BF16):
-        infos = sum(quant_rules.tensor_info_bytes(s.name, s.shape) for s in specs)
-        file_bytes = LLAMA3_METADATA_BYTES + infos + sum(-(-t.nbytes // 32) * 32 for t in tensors)
-    else:
-        file_bytes = quant_rules.predict_file_bytes(specs, info.ftype, LLAMA3_METADATA_BYTES,
-                                                    has_imatrix=info.needs_imatrix)
+    return info, specs, types
+
+
+def profile_from_shape(shape: catalog.ModelShape, quant: str, *, source: str = "catalog",
+                       base_type: GGMLQuantizationType = T.BF16) -> ModelProfile:
+    """Profile of a model not yet quantized: llama.cpp's per-tensor type rules for `quant` on these shapes."""
+    from corral.convert.gguf_writer import pad_to
+    from corral.convert.quant_rules import tensor_info_bytes, tensor_nbytes
+
+    info, specs, types = shape_tensor_types(shape, quant, base_type)
+    tensors = tuple(TensorInfo(s.name, tuple(s.shape), types[s.name], tensor_nbytes(s.shape, types[s.name]))
+                    for s in specs)
+    # The file as quant_rules.predict_file_bytes sizes it (metadata + tensor infos, padded tensor data), from
+    # the types above rather than running the type rules again; float files leave the header unpadded.
+    header = LLAMA3_METADATA_BYTES + sum(tensor_info_bytes(s.name, s.shape) for s in specs)
+    if info.default_type not in _FLOAT_TYPES:
+        header = pad_to(header)
+    file_bytes = header + sum(pad_to(t.nbytes) for t in tensors)
     return ModelProfile(
         name=shape.name, source=source, architecture="llama", quant=info.name, n_layer=shape.n_layer,
         n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv, head_dim=shape.head_size,
@@ -264,7 +280,4 @@ def load_profile(model: str | Path, quant: str | None = None) -> tuple[ModelProf
     if not quant:
         quant = DEFAULT_QUANT
         notes.append(f"no --quant given: planning for {DEFAULT_QUANT}")
-    try:
-        return profile_from_shape(shape, quant, source=source), notes
-    except UsageError:
-        raise
+    return profile_from_shape(shape, quant, source=source), notes

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import memory
+from .gpus import human
 from .hardware import Hardware
 from .plan import DevicePlan
 from .profile import ModelProfile, TensorInfo
@@ -255,7 +256,7 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
 
     # CPU: repacked copies and everything else anonymous must be resident; mapped weights may stream.
     repack_allowed = s.repack and not has_gpu
-    bufs = memory.cpu_buffers(profile, cpu_tensors, hw.cpu_flags if repack_allowed else (), has_gpu)
+    bufs = memory.cpu_buffers(cpu_tensors, hw.cpu_flags if repack_allowed else (), has_gpu)
     if cpu_layers:
         cpu_comp = memory.compute_buffer_bytes(profile, s.n_ctx, s.n_ubatch, s.flash_attn, output=not output_on_gpu)
     elif not output_on_gpu:
@@ -282,21 +283,15 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
     why = ""
     for d in devices:
         if d.kind == "gpu" and not d.fits:
-            why = (f"{d.name} needs {memory_h(d.total_bytes)} but has {memory_h(d.capacity_bytes)} free "
+            why = (f"{d.name} needs {human(d.total_bytes)} but has {human(d.capacity_bytes)} free "
                    f"(n_gpu_layers={k + m})")
             break
     if not why and swap > hw.swap_free:
         why = (f"RAM: KV cache, compute buffers{' and repacked weights' if bufs['CPU_REPACK'] else ''} need "
-               f"{memory_h(anon)} but {memory_h(hw.ram_available)} is available (+{memory_h(hw.swap_free)} swap)")
+               f"{human(anon)} but {human(hw.ram_available)} is available (+{human(hw.swap_free)} swap)")
     return Placement(
         settings=s, n_full=k, n_attn_only=m, gpu_counts=tuple(counts), attn_only_layers=attn_only,
         output_on_gpu=output_on_gpu, repack=repack_allowed and bufs["CPU_REPACK"] > 0, devices=tuple(devices),
         cpu_weights_read=cpu_read, gpu_weights_read=tuple(gpu_read), disk_stream_bytes=streamed, swap_bytes=swap,
         kv_layer_bytes=kv_layer, fits=not why, why=why,
     )
-
-
-def memory_h(n: float) -> str:
-    from .gpus import human
-
-    return human(n)

@@ -56,12 +56,8 @@ def _cpu_compute_rate(profile: ModelProfile, hw: Hardware, threads: int) -> floa
     for t in profile.tensors:
         if t.kind in ("embd", "rope", "other") or len(t.shape) < 2:
             continue
-        n = t.nbytes
-        total += n
-        elems = 1
-        for d in t.shape:
-            elems *= d
-        time += elems / (threads * CPU_WEIGHTS_PER_S.get(t.ggml_type, DEFAULT_CPU_WEIGHTS_PER_S))
+        total += t.nbytes
+        time += t.n_elements / (threads * CPU_WEIGHTS_PER_S.get(t.ggml_type, DEFAULT_CPU_WEIGHTS_PER_S))
     return total / time if time else hw.ram_bandwidth  # bytes per second
 
 
@@ -89,11 +85,11 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
 
     # prompt processing, per token of a big batch: the output head runs for the last token only
     flops_per_weight = 2.0 * _layer_fraction(profile)
+    weights_per_byte = _weights_per_byte(profile)
     gpu_s = 0.0
     for d, read in zip(gpus, p.gpu_weights_read):
-        weights = read * _weights_per_byte(profile)
-        gpu_s += flops_per_weight * weights / (d.bandwidth * GPU_FLOPS_PER_BYTE_PER_S)
-    cpu_weights = p.cpu_weights_read * _weights_per_byte(profile)
+        gpu_s += flops_per_weight * (read * weights_per_byte) / (d.bandwidth * GPU_FLOPS_PER_BYTE_PER_S)
+    cpu_weights = p.cpu_weights_read * weights_per_byte
     if gpus:  # big batches of CPU weights run on the GPU after a PCIe copy, once per ubatch
         pp_cpu = (p.cpu_weights_read / PCIE_BANDWIDTH) / max(1, p.settings.n_ubatch)
         pp_cpu += flops_per_weight * cpu_weights / (gpus[0].bandwidth * GPU_FLOPS_PER_BYTE_PER_S)
@@ -116,10 +112,4 @@ def _layer_fraction(profile: ModelProfile) -> float:
 def _weights_per_byte(profile: ModelProfile) -> float:
     matrices = [t for t in profile.tensors if len(t.shape) >= 2 and t.kind != "embd"]
     b = sum(t.nbytes for t in matrices)
-    w = 0
-    for t in matrices:
-        e = 1
-        for d in t.shape:
-            e *= d
-        w += e
-    return w / b if b else 1.0
+    return sum(t.n_elements for t in matrices) / b if b else 1.0
