@@ -8,12 +8,9 @@ from pathlib import Path
 
 import click
 
-from corral.convert.minimodel import MiniSpec, build_checkpoint
-
 from . import locations, ui
 from .engine_api import Message, SamplingSettings
 
-DEMO_SPEC = MiniSpec(hidden=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=768, shards=2)
 DEMO_PROMPT = "In one sentence, what is a llama?"
 REAL_MODEL = "llama-3.1-405b-instruct"
 REAL_QUANT = "IQ2_XXS"
@@ -42,11 +39,13 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
     """
     from corral.convert.converter import convert_checkpoint
     from corral.convert.gguf_summary import summarize
+    from corral.convert.minimodel import MiniSpec, build_checkpoint
     from corral.convert.quantize import quantize_gguf
     from corral.offload.api import PlanOptions, plan_model
 
     from .engine import EngineOptions, load_engine
 
+    spec = MiniSpec(hidden=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=768, shards=2)
     root = workdir or locations.cache_dir() / "demo"
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -60,10 +59,10 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
     _step(1, total, "Build a miniature Llama 3.1 checkpoint (Hugging Face layout, random weights)")
     if not (ckpt / "config.json").exists():
         with ui.stderr().status("writing config, tokenizer and sharded safetensors..."):
-            build_checkpoint(ckpt, DEMO_SPEC, seed=0)
+            build_checkpoint(ckpt, spec, seed=0)
     ui.note(
-        f"  {ckpt}: {DEMO_SPEC.n_layers} layers, hidden {DEMO_SPEC.hidden}, {DEMO_SPEC.n_heads} heads / "
-        f"{DEMO_SPEC.n_kv_heads} KV heads, real 128,256-token Llama 3 tokenizer"
+        f"  {ckpt}: {spec.n_layers} layers, hidden {spec.hidden}, {spec.n_heads} heads / "
+        f"{spec.n_kv_heads} KV heads, real 128,256-token Llama 3 tokenizer"
     )
 
     _step(2, total, "Convert it to GGUF (BF16)")
@@ -102,21 +101,13 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
 
     _step(6, total, "Ask the miniature model one question")
     ui.note(f"  > {prompt}")
-    with ui.byte_progress("  load", enabled=False):
-        engine = load_engine(quantized, EngineOptions(n_ctx=2048))
-    try:
-        pieces: list[str] = []
-
-        def show(text: str) -> None:
-            pieces.append(text)
-            click.echo(text, nl=False)
-
-        gen = engine.generate(
-            [Message("user", prompt)], SamplingSettings(temperature=0.0, max_tokens=48, seed=0), on_text=show
-        )
+    with ui.count_progress("  load") as bar:
+        engine = load_engine(quantized, EngineOptions(n_ctx=2048), plan=mini_plan,
+                             progress=lambda f: bar(int(f * 100), 100, ""))
+    with engine:
+        gen = engine.generate([Message("user", prompt)], SamplingSettings(temperature=0.0, max_tokens=48, seed=0),
+                              on_text=lambda text: click.echo(text, nl=False))
         click.echo()
-    finally:
-        engine.close()
     stats = gen.stats
     ui.note(
         f"  {stats.completion_tokens} tokens at {stats.tokens_per_second:.0f} tok/s "

@@ -9,8 +9,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from corral.convert.gguf_summary import summarize
-
 from .ui import human_bytes
 
 
@@ -19,6 +17,8 @@ from .ui import human_bytes
 @click.option("--json", "json_", is_flag=True, help="Print the summary as JSON.")
 def info(model: Path, json_: bool) -> None:
     """Show what a GGUF file holds, read from its header (no weights loaded)."""
+    from corral.convert.gguf_summary import summarize
+
     summary = summarize(model)
     if json_:
         click.echo(json.dumps(summary.to_json(), indent=2))

@@ -21,14 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from corral.convert.errors import (
-    Cancelled,
-    ContextOverflow,
-    CorralError,
-    DoesNotFit,
-    EngineError,
-    UsageError,
-)
+from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, UsageError
 from corral.convert.gguf_file import read_gguf
 
 from .chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
@@ -168,9 +161,9 @@ class LlamaEngine:
         self.bos_id = int(_lc.llama_vocab_bos(self._vocab))
         self.eos_id = int(_lc.llama_vocab_eos(self._vocab))
         self._add_bos = bool(_lc.llama_vocab_get_add_bos(self._vocab))
-        bos_text = self.token_text(self.bos_id) if self.bos_id >= 0 else ""
+        self._bos_text = self.token_text(self.bos_id) if self.bos_id >= 0 else ""
         eos_text = self.token_text(self.eos_id) if self.eos_id >= 0 else ""
-        self.formatter = ChatFormatter(model_file.get("tokenizer.chat_template"), bos_token=bos_text,
+        self.formatter = ChatFormatter(model_file.get("tokenizer.chat_template"), bos_token=self._bos_text,
                                        eos_token=eos_text, warnings=self.warnings)
         # Render a sample conversation now so a template that fails at render time warns at load, not mid-chat.
         try:
@@ -223,8 +216,7 @@ class LlamaEngine:
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         """The formatted conversation as tokens: template text, BOS exactly once."""
         text = self.formatter.format(messages)
-        bos_text = self.token_text(self.bos_id) if self.bos_id >= 0 else ""
-        add_bos = self._add_bos and not (bos_text and text.startswith(bos_text))
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         tokens = self.tokenize(text, add_special=add_bos, parse_special=True)
         while len(tokens) >= 2 and tokens[0] == tokens[1] == self.bos_id:
             del tokens[0]
@@ -242,8 +234,8 @@ class LlamaEngine:
         for _ in range(4):
             if count <= limit:
                 break
-            i = max(i for i, m in enumerate(kept) if m.role != "system") if any(m.role != "system" for m in kept) else -1
-            if i < 0:
+            i = next((i for i in reversed(range(len(kept))) if kept[i].role != "system"), None)
+            if i is None:
                 break
             body = self.tokenize(kept[i].content, parse_special=False)
             excess = count - limit + 2
@@ -292,13 +284,6 @@ class LlamaEngine:
         with self._lock:
             return self._generate(self.prompt_tokens(messages), settings, on_text, cancel)
 
-    def generate_from_tokens(self, prompt: Sequence[int], settings: SamplingSettings, *,
-                             on_text: Callable[[str], None] | None = None,
-                             cancel: threading.Event | None = None) -> Generation:
-        """Like `generate`, for an already tokenized prompt."""
-        with self._lock:
-            return self._generate(list(prompt), settings, on_text, cancel)
-
     def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
                   cancel: threading.Event | None) -> Generation:
         if self._ctx is None:
@@ -308,8 +293,7 @@ class LlamaEngine:
             raise UsageError("the prompt is empty")
         if n_prompt >= self.n_ctx:
             raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context window holds {self.n_ctx}")
-        room = self.n_ctx - n_prompt
-        max_new = room if settings.max_tokens <= 0 else min(settings.max_tokens, room)
+        max_new = settings.max_new_tokens(self.n_ctx - n_prompt)
         self.last_prompt_tokens, self.last_completion_tokens, self.last_stop_token = prompt, [], None
 
         t0 = time.perf_counter()
@@ -413,5 +397,5 @@ class LlamaEngine:
             pass
 
 
-__all__ = ["CorralError", "EngineOptions", "FitResult", "LlamaEngine", "effective_kwargs", "load_engine",
+__all__ = ["EngineOptions", "FitResult", "LlamaEngine", "effective_kwargs", "load_engine",
            "make_plan", "resolve_model_path"]

@@ -25,8 +25,12 @@ class Message:
 class SamplingSettings:
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int = 1024
+    max_tokens: int = 1024  # 0 = until the context is full
     seed: int | None = None
+
+    def max_new_tokens(self, room: int) -> int:
+        """Most tokens to generate when `room` tokens of the context are left after the prompt."""
+        return room if self.max_tokens <= 0 else min(self.max_tokens, room)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Getting ready to load: the model path, the offload plan, and the plan's kwargs with the user's flags applied."""
+"""Getting ready to load: the model path, the offload plan, and the plan's kwargs with the user's flags applied.
+
+Light on purpose (no llama_cpp, gguf or numpy at import): the CLI's shared flags build `EngineOptions`
+from here, and `corral --help` must not pay for loading llama.cpp.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from corral.convert.errors import InputNotFound, UsageError
-
-from .engine_native import kv_type_id
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def effective_kwargs(plan: Any, options: EngineOptions) -> dict[str, Any]:
     if options.use_mlock is not None:
         kwargs["use_mlock"] = options.use_mlock
     if options.kv_type and options.kv_type != "f16":
+        from .engine_native import kv_type_id  # llama_cpp: loaded only when a model is
+
         kv_type_id(options.kv_type)  # validates the name
         kwargs["type_k"] = kwargs["type_v"] = options.kv_type
         kwargs["flash_attn"] = True  # llama.cpp needs flash attention for a quantized V cache

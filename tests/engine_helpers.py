@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -93,6 +95,26 @@ def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """A hand-made plan (the planner's contract) for tests that need exact control."""
+
+    llama_kwargs: dict[str, Any]
+    fits: bool = True
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
+    advice: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    headline: str = "test plan"
+    devices: tuple[Any, ...] = ()
+
+
+def cpu_plan(**kw: Any) -> CpuPlan:
+    """One thread, no GPU, a 1024-token context; `llama_kwargs=` entries and plan fields override."""
+    kwargs = {"n_ctx": 1024, "n_threads": 1, "n_threads_batch": 1, "n_gpu_layers": 0}
+    kwargs.update(kw.pop("llama_kwargs", {}))
+    return CpuPlan(llama_kwargs=kwargs, **kw)
 
 
 _CACHE: dict[str, Path] = {}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from engine_helpers import shared_tiny_gguf, write_tiny_gguf
-from test_engine import cpu_plan
+from engine_helpers import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 
 from corral.app import engine as engine_mod
 from corral.app.cli import cli
@@ -29,10 +29,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny: Path) -> LlamaEngine:
-    eng = load_engine(tiny, plan=cpu_plan())
-    yield eng
-    eng.close()
+def loaded(tiny: Path) -> Iterator[LlamaEngine]:
+    with load_engine(tiny, plan=cpu_plan()) as eng:
+        yield eng
 
 
 class SharedEngine:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import shared_tiny_gguf, write_tiny_gguf
+from engine_helpers import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 from llama_cpp import Llama
 
 from corral.app.chat_format import builtin_llama3_prompt
@@ -23,25 +23,6 @@ CONVERSATIONS = [
     [Message("system", "Be kind."), Message("user", "Hi"), Message("assistant", "Hello! How can I help?"),
      Message("user", "Tell me a joke about llamas.")],
 ]
-
-
-@dataclass(frozen=True)
-class CpuPlan:
-    """A hand-made plan (the planner's contract) for tests that need exact control."""
-
-    llama_kwargs: dict[str, Any]
-    fits: bool = True
-    tensor_overrides: tuple[tuple[str, str], ...] = ()
-    advice: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    headline: str = "test plan"
-    devices: tuple[Any, ...] = ()
-
-
-def cpu_plan(**kw: Any) -> CpuPlan:
-    kwargs = {"n_ctx": 1024, "n_threads": 1, "n_threads_batch": 1, "n_gpu_layers": 0}
-    kwargs.update(kw.pop("llama_kwargs", {}))
-    return CpuPlan(llama_kwargs=kwargs, **kw)
 
 
 class RecordingLlama(Llama):
@@ -69,10 +50,9 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_gguf: Path) -> LlamaEngine:
-    eng = load_engine(tiny_gguf, plan=cpu_plan())
-    yield eng
-    eng.close()
+def engine(tiny_gguf: Path) -> Iterator[LlamaEngine]:
+    with load_engine(tiny_gguf, plan=cpu_plan()) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
