@@ -33,7 +33,7 @@ from .fp8 import dequantize_rows
 from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
 from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint, sampling_kvs
 from .progress import ProgressFn
-from .safetensors_io import NUMPY_STORAGE, TensorInfo, to_float32
+from .safetensors_io import NUMPY_STORAGE, TensorInfo, bf16_bits_to_float32, to_float32
 from .vocab import vocab_kvs
 
 __all__ = [
@@ -117,7 +117,7 @@ class GGUFTensorOut:
         if self.ggml_type == GGMLQuantizationType.F16:
             return raw.view(np.float16).astype(np.float32).reshape(shape)
         if self.ggml_type == GGMLQuantizationType.BF16:
-            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            return bf16_bits_to_float32(raw.view(np.uint16)).reshape(shape)
         return np.asarray(quants.dequantize(raw.reshape(shape[0], -1), self.ggml_type), dtype=np.float32).reshape(shape)
 
 

@@ -34,7 +34,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import (
-    GGML_QUANT_SIZES,
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_VERSION,
@@ -64,17 +63,6 @@ class TensorSpec:
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
     nbytes: int
-
-
-def tensor_bytes(shape_gguf: Sequence[int], ggml_type: GGMLQuantizationType) -> int:
-    """Data bytes of a tensor with GGUF-order shape `shape_gguf` (ne0 first)."""
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    n = 1
-    for d in shape_gguf:
-        n *= int(d)
-    if shape_gguf and int(shape_gguf[0]) % block:
-        raise UsageError(f"row of {shape_gguf[0]} values does not fit {ggml_type.name} blocks of {block}")
-    return n // block * size
 
 
 def pad_to(n: int, align: int = GGUF_DEFAULT_ALIGNMENT) -> int:

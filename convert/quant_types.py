@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -120,14 +121,8 @@ def effective_bpw(name: str) -> float:
     info = file_type(name)
     tensors = _reference_tensors()
     types = quant_rules.target_types(tensors, info.ftype, has_imatrix=info.needs_imatrix)
-    n_weights = 0
-    n_bytes = 0
-    for t in tensors:
-        count = 1
-        for n in t.shape:
-            count *= n
-        n_weights += count
-        n_bytes += quant_rules.tensor_nbytes(t.shape, types[t.name])
+    n_weights = sum(math.prod(t.shape) for t in tensors)
+    n_bytes = sum(quant_rules.tensor_nbytes(t.shape, types[t.name]) for t in tensors)
     return n_bytes * 8 / n_weights
 
 

@@ -20,6 +20,7 @@ from . import quant_rules, quant_types
 from .atomic import atomic_output, check_free_space, check_output_path, fsync_path
 from .errors import ImatrixRequired, UsageError
 from .gguf_file import GGUFModelFile, read_gguf
+from .gguf_writer import pad_to
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
 from .progress import ProgressFn, no_progress
 from .quant_rules import TensorSpec
@@ -153,10 +154,6 @@ def output_kv_bytes(model: GGUFModelFile, overrides: list[tuple[str, str | int]]
     return header + sum(sizes.values())
 
 
-def _pad(n: int, alignment: int = quant_rules.GGUF_ALIGNMENT) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
 def _specs(model: GGUFModelFile) -> list[TensorSpec]:
     return [TensorSpec(t.name, t.shape, t.ggml_type) for t in model.tensors]
 
@@ -207,7 +204,7 @@ def predict_output_bytes(model: GGUFModelFile, plans: list[TensorPlan], override
     for i, group in enumerate(groups):
         infos = sum(quant_rules.tensor_info_bytes(p.name, p.shape) for p in group)
         meta = output_kv_bytes(model, overrides, shard=i, n_shards=n) + infos
-        sizes.append(_pad(meta) + sum(_pad(p.bytes_out) for p in group))
+        sizes.append(pad_to(meta) + sum(pad_to(p.bytes_out) for p in group))
     return sizes
 
 
@@ -270,7 +267,7 @@ def quantize_gguf(
         check_output_path(target, force=force)
         if target.resolve() in {p.resolve() for p in model.files}:
             raise UsageError("output would overwrite the input", path=target)
-    check_free_space(out.parent if str(out.parent) else Path("."), sum(sizes))
+    check_free_space(out.parent, sum(sizes))
     start = time.monotonic()
     job = {"src": str(model.files[0]), "ftype": int(info.ftype), "threads": int(threads),
            "imatrix": str(imat.path) if imat else None, "keep_split": keep_split,

@@ -111,7 +111,8 @@ def llama_dry_run(src: str | Path, ftype: str, *, imatrix: str | Path | None = N
 # ---------------------------------------------------------------- child process
 
 
-def _child_main(job: dict[str, Any]) -> int:
+def child_main(job: dict[str, Any]) -> None:
+    """Run llama_model_quantize on `job`; raise EngineError when it fails (its log says why)."""
     import ctypes
 
     import llama_cpp
@@ -151,8 +152,11 @@ def _child_main(job: dict[str, Any]) -> int:
         params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["out"].encode(), ctypes.byref(params))
     sys.stderr.flush()
-    return int(rc)
+    if rc != 0:
+        # the uncaught exception gives the child its non-zero exit status; run_child reads the reason
+        # from llama.cpp's "failed to quantize: ..." line above it
+        raise EngineError(f"llama_model_quantize returned {rc}")
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through run_child
-    sys.exit(_child_main(json.loads(sys.argv[1])))
+    child_main(json.loads(sys.argv[1]))

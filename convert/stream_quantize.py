@@ -36,6 +36,7 @@ from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
 from .progress import ProgressFn, no_progress
 from .quantize import imatrix_kv_overrides
+from .safetensors_io import bf16_bits_to_float32
 
 T = GGMLQuantizationType
 _PASS_THROUGH = frozenset({T.F32, T.F16, T.BF16})
@@ -117,7 +118,7 @@ def _as_float32(piece: np.ndarray | FileRange, n_per_row: int) -> np.ndarray:
     else:
         raw = np.ascontiguousarray(piece)
     if raw.dtype == np.uint16:  # BF16 bits: widening is an exact 16-bit shift
-        f = (raw.astype(np.uint32) << 16).view(np.float32)
+        f = bf16_bits_to_float32(raw)
     else:
         f = raw.astype(np.float32, copy=False)
     return f.reshape(-1, n_per_row)

@@ -10,14 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
 from .errors import UsageError
 
 T = GGMLQuantizationType
 
 # GGUF's default alignment (GGUF_DEFAULT_ALIGNMENT in ggml/include/gguf.h).
-GGUF_ALIGNMENT = 32
+GGUF_ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
 
 # Types that are plain numbers, not blocks (ggml_is_quantized() is false for them).
 _NOT_QUANTIZED = frozenset({T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64})

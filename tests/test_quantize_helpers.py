@@ -10,6 +10,9 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from corral.convert.safetensors_io import float32_to_bf16_bits
+from corral.convert.tensor_specs import llama_tensor_specs
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -24,27 +27,11 @@ class Shape:
     tied: bool = False
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    bits = a.astype(np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def tensor_shapes(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
     """(name, numpy shape) of every tensor; numpy shape is GGUF shape reversed."""
-    hd = s.hidden // s.n_heads
-    out = [("token_embd.weight", (s.vocab, s.hidden)), ("output_norm.weight", (s.hidden,))]
-    if not s.tied:
-        out.append(("output.weight", (s.vocab, s.hidden)))
-    out.append(("rope_freqs.weight", (hd // 2,)))
-    for i in range(s.n_layers):
-        p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", (s.hidden,)), (p + "attn_q.weight", (s.n_heads * hd, s.hidden)),
-                (p + "attn_k.weight", (s.n_kv_heads * hd, s.hidden)),
-                (p + "attn_v.weight", (s.n_kv_heads * hd, s.hidden)),
-                (p + "attn_output.weight", (s.hidden, s.n_heads * hd)), (p + "ffn_norm.weight", (s.hidden,)),
-                (p + "ffn_gate.weight", (s.ffn, s.hidden)), (p + "ffn_up.weight", (s.ffn, s.hidden)),
-                (p + "ffn_down.weight", (s.hidden, s.ffn))]
-    return out
+    specs = llama_tensor_specs(hidden=s.hidden, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
+                               ffn=s.ffn, vocab=s.vocab, tied_embeddings=s.tied)
+    return [(t.name, tuple(reversed(t.shape))) for t in specs]
 
 
 def write_mini_gguf(path: Path, s: Shape = Shape(), *, dtype: str = "bf16", seed: int = 0,
@@ -79,7 +66,7 @@ def write_mini_gguf(path: Path, s: Shape = Shape(), *, dtype: str = "bf16", seed
         elif dtype == "f16":
             w.add_tensor(name, data.astype(np.float16))
         else:
-            w.add_tensor(name, _bf16(data), raw_dtype=T.BF16)
+            w.add_tensor(name, float32_to_bf16_bits(data), raw_dtype=T.BF16)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

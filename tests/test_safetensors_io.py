@@ -106,22 +106,15 @@ def test_invalid_headers_are_rejected(tmp_path: Path, header: dict, data: bytes,
 
 
 def test_header_size_cap_and_truncation(tmp_path: Path) -> None:
-    huge = tmp_path / "huge.safetensors"
-    huge.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
-    with pytest.raises(InvalidSafetensors, match="cap"):
-        read_header(huge)
-    short = tmp_path / "short.safetensors"
-    short.write_bytes(struct.pack("<Q", 100) + b"{}")
-    with pytest.raises(InvalidSafetensors, match="past the end"):
-        read_header(short)
-    tiny = tmp_path / "tiny.safetensors"
-    tiny.write_bytes(b"abc")
-    with pytest.raises(InvalidSafetensors, match="shorter than 8"):
-        read_header(tiny)
-    notjson = tmp_path / "nj.safetensors"
-    notjson.write_bytes(struct.pack("<Q", 4) + b"{abc")
-    with pytest.raises(InvalidSafetensors, match="JSON"):
-        read_header(notjson)
+    cases = [("huge", struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}", "cap"),
+             ("short", struct.pack("<Q", 100) + b"{}", "past the end"),
+             ("tiny", b"abc", "shorter than 8"),
+             ("nj", struct.pack("<Q", 4) + b"{abc", "JSON")]
+    for name, raw, message in cases:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(raw)
+        with pytest.raises(InvalidSafetensors, match=message):
+            read_header(path)
 
 
 def test_writer_rejects_wrong_byte_counts(tmp_path: Path) -> None:
