@@ -30,6 +30,8 @@ STORE_FILENAME = "chat.sqlite3"
 TITLE_CHARS = 60
 # Statuses: user turns are `done`; replies go `streaming` -> `stop` | `length` | `cancelled` | `error`.
 FINAL_STATUSES = ("stop", "length", "cancelled", "error")
+# How an unfinished reply is marked in a Markdown export.
+EXPORT_NOTES = {"cancelled": "stopped", "streaming": "interrupted", "length": "cut at the token limit", "error": "error"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -258,20 +260,10 @@ class ChatStore:
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
-        self._update_conversation(conversation_id, "system_prompt", system_prompt)
-
-    def set_title(self, conversation_id: int, title: str) -> None:
-        self._update_conversation(conversation_id, "title", title)
-
-    def set_model(self, conversation_id: int, model: str) -> None:
-        self._update_conversation(conversation_id, "model", model)
-
-    def _update_conversation(self, conversation_id: int, column: str, value: str) -> None:
-        assert column in ("system_prompt", "title", "model")
         with self._guard(), self._transaction() as db:
             db.execute(
-                f"UPDATE conversations SET {column} = ?, updated_at = ? WHERE id = ?",
-                (value, time.time(), conversation_id),
+                "UPDATE conversations SET system_prompt = ?, updated_at = ? WHERE id = ?",
+                (system_prompt, time.time(), conversation_id),
             )
 
     # -- messages ---------------------------------------------------------------------------------
@@ -335,9 +327,8 @@ class ChatStore:
             lines += ["## System", "", conv.system_prompt.rstrip(), ""]
         for message in conv.messages:
             lines += [f"## {message.role.capitalize()}", "", message.content.rstrip(), ""]
-            if message.status in ("cancelled", "streaming", "length", "error"):
-                note = {"cancelled": "stopped", "streaming": "interrupted", "length": "cut at the token limit"}
-                lines += [f"*({note.get(message.status, message.status)})*", ""]
+            if message.status in EXPORT_NOTES:
+                lines += [f"*({EXPORT_NOTES[message.status]})*", ""]
         return "\n".join(lines).rstrip() + "\n"
 
     def write_markdown(self, conversation_id: int, target: str | Path) -> Path:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from corral.app.engine_api import Generation, GenerationStats, Message, SamplingSettings
+from corral.app.store import ChatStore
 from corral.convert.errors import ContextOverflow, EngineError
+from corral.offload.plan import DevicePlan
 
 _PIECES = re.compile(r"\s*\S+|\s+")
 
@@ -20,23 +26,10 @@ def split_tokens(text: str) -> list[str]:
 
 
 @dataclass
-class FakePlanDevice:
-    name: str
-    kind: str  # gpu | cpu | disk, as corral.offload.plan.DevicePlan
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    capacity_bytes: int
-    overhead_bytes: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
-
-
-@dataclass
 class FakePlan:
-    devices: list[FakePlanDevice]
+    """The part of corral.offload.plan.Plan that the memory view reads."""
+
+    devices: list[DevicePlan]
     warnings: list[str] = field(default_factory=list)
     headline: str = "fake plan"
     tokens_per_second: float = 0.0
@@ -158,6 +151,12 @@ async def wait_until(pilot: object, condition: Callable[[], object], timeout: fl
         await pilot.pause(0.02)  # type: ignore[attr-defined]
 
 
+async def replied(pilot: object, chat: object, boxes: int, what: str = "reply", timeout: float = 10.0) -> None:
+    """Wait until no reply streams and the chat shows `boxes` messages."""
+    await wait_until(pilot, lambda: chat.job is None and len(chat.view.boxes()) == boxes,  # type: ignore[attr-defined]
+                     timeout=timeout, what=what)
+
+
 async def chat_ready(pilot: object) -> object:
     """Wait for the model load to end and the chat screen to be up; return it."""
     from corral.tui.chat_screen import ChatScreen
@@ -174,11 +173,29 @@ def fake_plan(disk: bool = True) -> FakePlan:
     """GPU0 + CPU RAM (+ disk streaming) like a 405B Q2_K on one 24 GB card."""
     gib = 1024**3
     devices = [
-        FakePlanDevice("GPU0", "gpu", 20 * gib, 2 * gib, gib // 2, 24 * gib, overhead_bytes=gib // 2),
-        FakePlanDevice("CPU", "cpu", 100 * gib, 0, gib, 128 * gib),
+        DevicePlan("GPU0", "gpu", "RTX 4090", 20 * gib, 2 * gib, gib // 2, gib // 2, 24 * gib, 1e12),
+        DevicePlan("CPU", "cpu", "CPU", 100 * gib, 0, gib, 0, 128 * gib, 80e9),
     ]
     if disk:
-        devices.append(FakePlanDevice("disk", "disk", 30 * gib, 0, 0, 0))
+        devices.append(DevicePlan("disk", "disk", "mmap from disk", 30 * gib, 0, 0, 0, 0, 3e9))
     return FakePlan(devices, warnings=["30.0 GiB of weights stream from disk on every token"] if disk else [],
                     headline="Llama 3.1 405B Q2_K: GPU0 + RAM + disk", tokens_per_second=0.4,
                     disk_stream_bytes=30 * gib if disk else 0)
+
+
+def run_chat(app: object, scenario: Callable[[object, object], Awaitable[None]], **run_test: object) -> None:
+    """Run `app` headless (`run_test` options) and await `scenario(pilot, chat)` once the chat screen is up."""
+
+    async def main() -> None:
+        async with app.run_test(**run_test) as pilot:  # type: ignore[attr-defined]
+            await scenario(pilot, await chat_ready(pilot))
+
+    asyncio.run(main())
+
+
+@pytest.fixture(name="store")
+def store_fixture(tmp_path: Path) -> Iterator[ChatStore]:
+    """The `store` fixture: a chat store in the test's own folder (import it into a test module to use it)."""
+    s = ChatStore(tmp_path / "chat.sqlite3")
+    yield s
+    s.close()

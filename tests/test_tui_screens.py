@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine, chat_ready, fake_plan, wait_until
+from fake_engine import FakeEngine, fake_plan, replied, run_chat, store_fixture, wait_until  # noqa: F401 (fixture)
 
 from corral.app.engine_api import Message, SamplingSettings
 from corral.app.store import ChatStore
@@ -21,17 +21,6 @@ from corral.tui.prompt_input import PromptInput
 from corral.tui.settings_screen import SettingsScreen, parse_sampling
 
 GIB = 1024**3
-
-
-def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(coro)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ChatStore:
-    s = ChatStore(tmp_path / "chat.sqlite3")
-    yield s
-    s.close()
 
 
 def seed(store: ChatStore) -> tuple[int, int]:
@@ -54,24 +43,22 @@ def test_list_at_start_resume_and_continue(store: ChatStore, tmp_path: Path) -> 
     engine = FakeEngine(["fresh beta answer"])
     app = build(engine, store, tmp_path, show_list_at_start=True)
 
-    async def scenario() -> None:
-        async with app.run_test() as pilot:
-            chat = await chat_ready(pilot)
-            await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list")
-            # newest first: "+ New", beta, alpha
-            await pilot.press("down", "enter")
-            await wait_until(pilot, lambda: app.screen is chat and chat.conversation_id == b, what="resume")
-            boxes = chat.view.boxes()
-            assert [(x.role, x.content, x.status) for x in boxes] == [
-                ("user", "beta question", "done"),
-                ("assistant", "beta half an ans", "streaming"),
-            ]
-            assert boxes[1].query_one(".note").render().plain == "(interrupted)"
-            await pilot.press("ctrl+r")  # regenerate the interrupted reply
-            await wait_until(pilot, lambda: chat.job is None and chat.view.boxes()[-1].content == "fresh beta answer",
-                             what="regenerated")
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list")
+        # newest first: "+ New", beta, alpha
+        await pilot.press("down", "enter")
+        await wait_until(pilot, lambda: app.screen is chat and chat.conversation_id == b, what="resume")
+        boxes = chat.view.boxes()
+        assert [(x.role, x.content, x.status) for x in boxes] == [
+            ("user", "beta question", "done"),
+            ("assistant", "beta half an ans", "streaming"),
+        ]
+        assert boxes[1].query_one(".note").render().plain == "(interrupted)"
+        await pilot.press("ctrl+r")  # regenerate the interrupted reply
+        await wait_until(pilot, lambda: chat.job is None and chat.view.boxes()[-1].content == "fresh beta answer",
+                         what="regenerated")
 
-    run(scenario())
+    run_chat(app, scenario)
     assert engine.calls[0].messages == [Message("system", "Talk like a pirate."), Message("user", "beta question")]
     assert [(m.role, m.content) for m in store.get(b).messages] == [("user", "beta question"),
                                                                      ("assistant", "fresh beta answer")]
@@ -82,73 +69,67 @@ def test_resume_by_id_skips_list(store: ChatStore, tmp_path: Path) -> None:
     a, _ = seed(store)
     app = build(FakeEngine(), store, tmp_path, conversation_id=a)
 
-    async def scenario() -> None:
-        async with app.run_test() as pilot:
-            chat = await chat_ready(pilot)
-            await pilot.pause(0.1)
-            assert isinstance(app.screen, ChatScreen)
-            assert [x.content for x in chat.view.boxes()] == ["alpha question", "alpha answer"]
-            await wait_until(pilot, lambda: chat.status.ctx_used > 0, what="context count")
-            expected = FakeEngine().count_prompt_tokens([Message("user", "alpha question"),
-                                                         Message("assistant", "alpha answer")])
-            assert chat.status.ctx_used == expected
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ChatScreen)
+        assert [x.content for x in chat.view.boxes()] == ["alpha question", "alpha answer"]
+        await wait_until(pilot, lambda: chat.status.ctx_used > 0, what="context count")
+        expected = FakeEngine().count_prompt_tokens([Message("user", "alpha question"),
+                                                     Message("assistant", "alpha answer")])
+        assert chat.status.ctx_used == expected
 
-    run(scenario())
+    run_chat(app, scenario)
 
 
 def test_list_delete_twice_export_and_new(store: ChatStore, tmp_path: Path) -> None:
     a, b = seed(store)
     app = build(FakeEngine(), store, tmp_path, conversation_id=b)
 
-    async def scenario() -> None:
-        async with app.run_test() as pilot:
-            chat = await chat_ready(pilot)
-            await pilot.press("ctrl+o")
-            await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list")
-            screen = app.screen
-            assert screen._highlighted_id() == b  # the current conversation is highlighted
-            await pilot.press("e")
-            exported = tmp_path / "exports" / f"corral-chat-{b}-beta-question.md"
-            assert exported.read_text(encoding="utf-8").startswith("# beta question\n")
-            await pilot.press("d")
-            assert len(store.list_conversations()) == 2  # armed, not deleted
-            await pilot.press("d")
-            assert [s.id for s in store.list_conversations()] == [a]
-            await pilot.press("escape")
-            await wait_until(pilot, lambda: app.screen is chat, what="back")
-            # the open conversation was deleted: the chat starts fresh
-            assert chat.conversation_id is None and chat.view.boxes() == []
-            await pilot.press("ctrl+o")
-            await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list again")
-            await pilot.press("n")
-            await wait_until(pilot, lambda: app.screen is chat, what="new")
-            assert chat.conversation_id is None
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list")
+        screen = app.screen
+        assert screen._highlighted_id() == b  # the current conversation is highlighted
+        await pilot.press("e")
+        exported = tmp_path / "exports" / f"corral-chat-{b}-beta-question.md"
+        assert exported.read_text(encoding="utf-8").startswith("# beta question\n")
+        await pilot.press("d")
+        assert len(store.list_conversations()) == 2  # armed, not deleted
+        await pilot.press("d")
+        assert [s.id for s in store.list_conversations()] == [a]
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is chat, what="back")
+        # the open conversation was deleted: the chat starts fresh
+        assert chat.conversation_id is None and chat.view.boxes() == []
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen), what="list again")
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.screen is chat, what="new")
+        assert chat.conversation_id is None
 
-    run(scenario())
+    run_chat(app, scenario)
 
 
 def test_ctrl_s_exports_current_and_ctrl_n_starts_new(store: ChatStore, tmp_path: Path) -> None:
     engine = FakeEngine(["an answer"])
     app = build(engine, store, tmp_path, show_list_at_start=False)
 
-    async def scenario() -> None:
-        async with app.run_test() as pilot:
-            chat = await chat_ready(pilot)
-            await pilot.press("ctrl+s")
-            assert ("warning", "nothing to export yet") in app.notices
-            chat.query_one(PromptInput).load_text("Hello there")
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: chat.job is None and len(chat.view.boxes()) == 2, what="reply")
-            cid = chat.conversation_id
-            await pilot.press("ctrl+s")
-            path = tmp_path / "exports" / f"corral-chat-{cid}-hello-there.md"
-            assert path.read_text(encoding="utf-8").endswith("## User\n\nHello there\n\n## Assistant\n\nan answer\n")
-            assert ("information", f"exported to {path}") in app.notices
-            await pilot.press("ctrl+n")
-            assert chat.conversation_id is None and chat.view.boxes() == []
-            assert chat.query_one("#placeholder").display
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("ctrl+s")
+        assert ("warning", "nothing to export yet") in app.notices
+        chat.query_one(PromptInput).load_text("Hello there")
+        await pilot.press("enter")
+        await replied(pilot, chat, 2)
+        cid = chat.conversation_id
+        await pilot.press("ctrl+s")
+        path = tmp_path / "exports" / f"corral-chat-{cid}-hello-there.md"
+        assert path.read_text(encoding="utf-8").endswith("## User\n\nHello there\n\n## Assistant\n\nan answer\n")
+        assert ("information", f"exported to {path}") in app.notices
+        await pilot.press("ctrl+n")
+        assert chat.conversation_id is None and chat.view.boxes() == []
+        assert chat.query_one("#placeholder").display
 
-    run(scenario())
+    run_chat(app, scenario)
 
 
 def test_memory_view_plan_and_live_usage(store: ChatStore, tmp_path: Path) -> None:
@@ -160,19 +141,17 @@ def test_memory_view_plan_and_live_usage(store: ChatStore, tmp_path: Path) -> No
     app = build(FakeEngine(plan=fake_plan(disk=True)), store, tmp_path, show_list_at_start=False,
                 memory_probe=probe, memory_interval=0.05)
 
-    async def scenario() -> None:
-        async with app.run_test(size=(110, 40)) as pilot:
-            await chat_ready(pilot)
-            await pilot.press("f3")
-            await wait_until(pilot, lambda: isinstance(app.screen, MemoryScreen), what="memory view")
-            first = app.screen.query_one("#memory-table").render()
-            await pilot.pause(0.3)
-            later = app.screen.query_one("#memory-table").render()
-            assert str(first) != str(later)  # live values refresh
-            await pilot.press("escape")
-            assert isinstance(app.screen, ChatScreen)
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("f3")
+        await wait_until(pilot, lambda: isinstance(app.screen, MemoryScreen), what="memory view")
+        first = app.screen.query_one("#memory-table").render()
+        await pilot.pause(0.3)
+        later = app.screen.query_one("#memory-table").render()
+        assert str(first) != str(later)  # live values refresh
+        await pilot.press("escape")
+        assert isinstance(app.screen, ChatScreen)
 
-    run(scenario())
+    run_chat(app, scenario, size=(110, 40))
 
 
 def test_render_memory_text() -> None:
@@ -214,20 +193,18 @@ def test_help_lists_every_key_of_every_screen(store: ChatStore, tmp_path: Path) 
     assert "ctrl+q" in listed
     app = build(FakeEngine(), store, tmp_path, show_list_at_start=False)
 
-    async def scenario() -> None:
-        async with app.run_test() as pilot:
-            chat = await chat_ready(pilot)
-            await pilot.press("f1")
-            assert isinstance(app.screen, HelpScreen)
-            await pilot.press("escape")
-            assert app.screen is chat
-            await pilot.press("?")  # typed into the focused prompt, not a shortcut there
-            assert chat.query_one(PromptInput).text == "?"
-            chat.set_focus(None)
-            await pilot.press("?")
-            assert isinstance(app.screen, HelpScreen)
+    async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert app.screen is chat
+        await pilot.press("?")  # typed into the focused prompt, not a shortcut there
+        assert chat.query_one(PromptInput).text == "?"
+        chat.set_focus(None)
+        await pilot.press("?")
+        assert isinstance(app.screen, HelpScreen)
 
-    run(scenario())
+    run_chat(app, scenario)
 
 
 def test_parse_sampling_bounds() -> None:
@@ -263,7 +240,7 @@ def test_load_progress_and_cancel(store: ChatStore, tmp_path: Path) -> None:
             await pilot.press("escape")
             await wait_until(pilot, lambda: app.failure is not None, what="cancel")
 
-    run(scenario())
+    asyncio.run(scenario())
     assert isinstance(app.failure, Cancelled)
     assert app.return_code == 130
 
@@ -280,6 +257,6 @@ def test_load_failure_exits_with_the_error(store: ChatStore, tmp_path: Path) -> 
         async with app.run_test() as pilot:
             await wait_until(pilot, lambda: app.failure is not None, what="failure")
 
-    run(scenario())
+    asyncio.run(scenario())
     assert str(app.failure) == "/models/x.gguf: bad magic"
     assert app.return_code == 1

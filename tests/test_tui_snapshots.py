@@ -53,6 +53,18 @@ async def steady(pilot) -> None:  # type: ignore[no-untyped-def]
     await pilot.pause(0.05)
 
 
+def open_screen(key: str):  # type: ignore[no-untyped-def]
+    """A `run_before` that waits for the chat, presses `key` and lets the screen it opens settle."""
+
+    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
+        await chat_ready(pilot)
+        await pilot.press(key)
+        await pilot.pause(0.1)
+        await steady(pilot)
+
+    return run_before
+
+
 def build(store: ChatStore, engine: FakeEngine, **options: object) -> ChatApp:
     options.setdefault("show_list_at_start", False)
     options.setdefault("memory_probe", fixed_probe)
@@ -142,37 +154,16 @@ def test_conversation_list(snap_compare, store: ChatStore) -> None:  # type: ign
 
 def test_memory_view(snap_compare, store: ChatStore) -> None:  # type: ignore[no-untyped-def]
     app = build(store, FakeEngine(plan=fake_plan(disk=True)))
-
-    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
-        await chat_ready(pilot)
-        await pilot.press("f3")
-        await pilot.pause(0.1)
-        await steady(pilot)
-
-    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_screen("f3"))
 
 
 def test_help_screen(snap_compare, store: ChatStore) -> None:  # type: ignore[no-untyped-def]
     app = build(store, FakeEngine())
-
-    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
-        await chat_ready(pilot)
-        await pilot.press("f1")
-        await pilot.pause(0.1)
-        await steady(pilot)
-
-    assert snap_compare(app, terminal_size=(100, 50), run_before=run_before)
+    assert snap_compare(app, terminal_size=(100, 50), run_before=open_screen("f1"))
 
 
 def test_settings_screen(snap_compare, store: ChatStore) -> None:  # type: ignore[no-untyped-def]
     app = make_app(lambda progress, cancel: FakeEngine(), store,
                    SamplingSettings(temperature=0.2, top_p=0.9, max_tokens=512, seed=42),
                    system_prompt="You are a concise assistant.", show_list_at_start=False)
-
-    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
-        await chat_ready(pilot)
-        await pilot.press("f2")
-        await pilot.pause(0.1)
-        await steady(pilot)
-
-    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_screen("f2"))

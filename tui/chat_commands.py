@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from corral.convert.errors import CorralError
 
-from .conversation_list import ConversationListScreen, ListChoice, export_name
+from .conversation_list import ConversationListScreen, ListChoice, export_conversation
 from .help_screen import HelpScreen
 from .memory_view import MemoryScreen
 from .settings_screen import ChatSettings, SettingsScreen
@@ -50,11 +50,8 @@ class ChatCommands:
         if self.conversation_id is None:
             self.notify("nothing to export yet", severity="warning")
             return
-        store = self.chat_app.store
         try:
-            title = store.get(self.conversation_id).title
-            path = store.write_markdown(self.conversation_id, self.chat_app.export_dir /
-                                        export_name(self.conversation_id, title))
+            path = export_conversation(self.chat_app.store, self.conversation_id, self.chat_app.export_dir)
         except (CorralError, OSError) as exc:
             self.notify(str(exc), severity="error")
             return

@@ -216,8 +216,7 @@ class ChatScreen(ChatCommands, Screen[None]):
             if job.message_id is None:
                 job.message_id = store.start_reply(job.conversation_id, text)
                 job.box.message_id = job.message_id
-            if force or text != job.saved_text:
-                store.update_reply(job.message_id, text, status=status, stats=stats)
+            store.update_reply(job.message_id, text, status=status, stats=stats)
         except CorralError as exc:
             job.save_failed = True
             self.notify(f"could not save the reply: {exc}", severity="error")

@@ -33,6 +33,12 @@ def export_name(summary_id: int, title: str) -> str:
     return f"corral-chat-{summary_id}-{slug}.md"
 
 
+def export_conversation(store: ChatStore, conversation_id: int, export_dir: Path) -> Path:
+    """Write one conversation as Markdown into `export_dir` (named after its title); return the file."""
+    title = store.get(conversation_id).title
+    return store.write_markdown(conversation_id, export_dir / export_name(conversation_id, title))
+
+
 def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
@@ -130,8 +136,7 @@ class ConversationListScreen(ModalScreen[ListChoice | None]):
         if target is None:
             return
         try:
-            title = self.store.get(target).title
-            path = self.store.write_markdown(target, self.export_dir / export_name(target, title))
+            path = export_conversation(self.store, target, self.export_dir)
         except (CorralError, OSError) as exc:
             self.notify(str(exc), severity="error")
             return

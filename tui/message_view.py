@@ -8,13 +8,10 @@ import time
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
+from corral.app.store import EXPORT_NOTES
+
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
-STATUS_NOTES = {
-    "cancelled": "stopped",
-    "streaming": "interrupted",
-    "length": "cut at the token limit",
-    "error": "failed",
-}
+STATUS_NOTES = {**EXPORT_NOTES, "error": "failed"}
 
 
 class PieceBuffer:
@@ -125,9 +122,6 @@ class ReplyBox(MessageBox):
 
 class MessageView(VerticalScroll):
     """Scrollable list of MessageBoxes, anchored to the bottom while a reply streams."""
-
-    def clear_messages(self) -> None:
-        self.remove_children()
 
     async def add_message(
         self, role: str, content: str, *, status: str = "done", message_id: int | None = None

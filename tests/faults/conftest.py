@@ -16,11 +16,16 @@ from click.testing import CliRunner, Result
 
 from corral.app.cli import cli
 
-from .corpus import gguf_cases, small_gguf, strip_markup
+from .corpus_gguf import gguf_cases, small_gguf
 
 CORRAL = Path(sys.executable).with_name("corral")
-TEMP_GLOB = ".*.corral-tmp*"
 _PROGRESS = re.compile(r"[━╸╺]")
+_MARKUP = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def strip_markup(text: str) -> str:
+    """Text without ANSI colour codes."""
+    return _MARKUP.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ def invoke(args: list[str], *, input: str | None = None) -> Outcome:
     result: Result = CliRunner().invoke(cli, args, input=input, catch_exceptions=True)
     exc = result.exception if not isinstance(result.exception, SystemExit) else None
     return Outcome(result.exit_code, result.stdout, strip_markup(result.stderr), exc)
+
+
+def invoke_convert(src: Path, out: Path, *extra: str) -> Outcome:
+    """`corral convert SRC -o OUT -q EXTRA...` in-process."""
+    return invoke(["convert", str(src), "-o", str(out), "-q", *extra])
 
 
 def run_corral(args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None,

@@ -11,8 +11,8 @@ import pytest
 from corral.convert.errors import InvalidSafetensors
 from corral.convert.safetensors_io import read_header
 
-from .conftest import assert_clean_failure, fingerprint, invoke, temp_leftovers
-from .corpus import HF_CASES, copy_checkpoint, good_safetensors, safetensors_cases
+from .conftest import assert_clean_failure, fingerprint, invoke_convert, temp_leftovers
+from .corpus_inputs import HF_CASES, copy_checkpoint, good_safetensors, replace_shard, safetensors_cases
 
 ST_CASES = [pytest.param(c, id=c.name) for c in safetensors_cases()]
 
@@ -35,19 +35,13 @@ def test_valid_safetensors_passes(tmp_path: Path) -> None:
     assert list(header.tensors) == ["a", "b"] and header.tensors["b"].nbytes == 8
 
 
-def _convert(src: Path, out: Path, *extra: str):
-    return invoke(["convert", str(src), "-o", str(out), "-q", *extra])
-
-
 @pytest.mark.parametrize("case", ST_CASES)
 def test_convert_refuses_bad_shard(case, mini_checkpoint: Path, tmp_path: Path) -> None:
     folder = copy_checkpoint(mini_checkpoint, tmp_path / "ckpt")
-    shard = sorted(folder.glob("*.safetensors"))[0]
-    shard.unlink()  # hard link: replace, never modify the shared original
-    shard.write_bytes(case.data)
+    shard = replace_shard(folder, case.data)
     before = fingerprint(folder)
     out = tmp_path / "out.gguf"
-    result = _convert(folder, out)
+    result = invoke_convert(folder, out)
     assert_clean_failure(result, names=shard.name)
     assert fingerprint(folder) == before
     assert not out.exists() and not temp_leftovers(tmp_path)
@@ -60,7 +54,7 @@ def test_convert_refuses_bad_folder(name: str, mini_checkpoint: Path, tmp_path: 
     breaker(folder)
     before = fingerprint(folder)
     out = tmp_path / "out.gguf"
-    result = _convert(folder, out)
+    result = invoke_convert(folder, out)
     assert_clean_failure(result, names=None, expect=expect)
     line = result.stderr.strip()
     assert "ckpt" in line, f"the folder or file is not named: {line}"
@@ -69,7 +63,7 @@ def test_convert_refuses_bad_folder(name: str, mini_checkpoint: Path, tmp_path: 
 
 
 def test_convert_missing_input(tmp_path: Path) -> None:
-    result = _convert(tmp_path / "no-such-checkpoint", tmp_path / "out.gguf")
+    result = invoke_convert(tmp_path / "no-such-checkpoint", tmp_path / "out.gguf")
     assert_clean_failure(result, names="no-such-checkpoint", expect=r"not found|no such|does not exist", codes=(2,))
     assert list(tmp_path.iterdir()) == []
 
@@ -77,6 +71,6 @@ def test_convert_missing_input(tmp_path: Path) -> None:
 def test_convert_input_is_a_file(tmp_path: Path) -> None:
     src = tmp_path / "model.safetensors"
     src.write_bytes(good_safetensors())
-    result = _convert(src, tmp_path / "out.gguf")
+    result = invoke_convert(src, tmp_path / "out.gguf")
     assert_clean_failure(result, names="model.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]

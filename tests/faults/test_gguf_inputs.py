@@ -15,7 +15,7 @@ from .conftest import (
     run_corral,
     temp_leftovers,
 )
-from .corpus import gguf_cases
+from .corpus_gguf import gguf_cases
 
 CASES = gguf_cases()
 COMMANDS = ("info", "plan", "ask", "chat", "quantize")

@@ -7,42 +7,46 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from .conftest import CORRAL, assert_clean_failure, fingerprint, invoke, temp_leftovers
+from .conftest import (
+    CORRAL,
+    Outcome,
+    assert_clean_failure,
+    fingerprint,
+    invoke,
+    invoke_convert,
+    temp_leftovers,
+)
 
 PRECIOUS = b"precious data that must survive\n"
 
 
-def _convert(src: Path, out: Path, *extra: str):
-    return invoke(["convert", str(src), "-o", str(out), "-q", *extra])
-
-
-def _quantize(src: Path, out: Path, *extra: str):
+def _quantize(src: Path, out: Path, *extra: str) -> Outcome:
     return invoke(["quantize", str(src), str(out), "--type", "Q8_0", *extra])
 
 
 # ------------------------------------------------------------------------------ output exists
 
 
-def test_convert_refuses_existing_output(mini_checkpoint: Path, tmp_path: Path) -> None:
+def _refuses_existing_output(command: Callable[[Path, Path], Outcome], src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     out.write_bytes(PRECIOUS)
-    result = _convert(mini_checkpoint, out)
+    result = command(src, out)
     assert_clean_failure(result, names=out, expect=r"exists.*--force", codes=(2,))
     assert out.read_bytes() == PRECIOUS and not temp_leftovers(tmp_path)
+
+
+def test_convert_refuses_existing_output(mini_checkpoint: Path, tmp_path: Path) -> None:
+    _refuses_existing_output(invoke_convert, mini_checkpoint, tmp_path)
 
 
 def test_quantize_refuses_existing_output(mini_gguf_bf16: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out.gguf"
-    out.write_bytes(PRECIOUS)
-    result = _quantize(mini_gguf_bf16, out)
-    assert_clean_failure(result, names=out, expect=r"exists.*--force", codes=(2,))
-    assert out.read_bytes() == PRECIOUS and not temp_leftovers(tmp_path)
+    _refuses_existing_output(_quantize, mini_gguf_bf16, tmp_path)
 
 
 def test_quantize_refuses_to_overwrite_its_input(mini_gguf_bf16: Path, tmp_path: Path) -> None:
@@ -73,7 +77,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_convert_checks_free_space_first(mini_checkpoint: Path, small_disk: Path) -> None:
     out = small_disk / "out.gguf"
-    result = _convert(mini_checkpoint, out)
+    result = invoke_convert(mini_checkpoint, out)
     assert_clean_failure(result, names=small_disk.name, expect=r"disk space", codes=(1,))
     assert list(small_disk.iterdir()) == []
 
@@ -93,7 +97,7 @@ def test_free_space_precheck_without_mount(mini_checkpoint: Path, tmp_path: Path
     real = shutil.disk_usage
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
     out = tmp_path / "out.gguf"
-    result = _convert(mini_checkpoint, out)
+    result = invoke_convert(mini_checkpoint, out)
     assert_clean_failure(result, expect=r"disk space", names=None, codes=(1,))
     assert not out.exists() and not temp_leftovers(tmp_path)
 
@@ -104,7 +108,7 @@ def test_convert_enospc_mid_write_real(mini_checkpoint: Path, small_disk: Path, 
 
     monkeypatch.setattr(gw, "check_free_space", lambda folder, needed: None)
     out = small_disk / "out.gguf"
-    result = _convert(mini_checkpoint, out)
+    result = invoke_convert(mini_checkpoint, out)
     assert list(small_disk.iterdir()) == []  # cleanup first: it works even where the message falls short
     assert_clean_failure(result, names=out, expect=r"no space left", codes=(1,))
 
@@ -124,7 +128,7 @@ def test_convert_enospc_mid_write_simulated(mini_checkpoint: Path, tmp_path: Pat
 
     monkeypatch.setattr(gw, "_write_all", failing)
     out = tmp_path / "out.gguf"
-    result = _convert(mini_checkpoint, out)
+    result = invoke_convert(mini_checkpoint, out)
     assert calls["n"] > 4, "the writer did not write through _write_all"
     assert not out.exists() and not temp_leftovers(tmp_path)
     assert_clean_failure(result, names=out, expect=r"no space left", codes=(1,))

@@ -20,7 +20,7 @@ from corral.convert.gguf_file import read_gguf, read_header
 from corral.convert.safetensors_io import parse_header, write_safetensors
 from corral.convert.safetensors_io import read_header as read_st_header
 
-from .corpus import small_gguf
+from .corpus_gguf import small_gguf
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])
@@ -47,24 +47,27 @@ def _check(call, path: Path, expected: type[Exception]) -> object:
     return result
 
 
+def _check_bytes(tmp_path_factory, name: str, data: bytes, call, expected: type[Exception]) -> object:
+    """`_check` on a fresh file `name` holding `data`."""
+    path = tmp_path_factory.mktemp("p") / name
+    path.write_bytes(data)
+    return _check(call, path, expected)
+
+
 # ------------------------------------------------------------------------------------------ GGUF
 
 
 @SETTINGS
 @given(st.binary(max_size=4096))
 def test_gguf_random_bytes(tmp_path_factory, data: bytes) -> None:
-    path = tmp_path_factory.mktemp("p") / "r.gguf"
-    path.write_bytes(data)
-    _check(read_gguf, path, InvalidGGUF)
+    _check_bytes(tmp_path_factory, "r.gguf", data, read_gguf, InvalidGGUF)
 
 
 @SETTINGS
 @given(st.binary(max_size=4096))
 def test_gguf_random_bytes_after_valid_prefix(tmp_path_factory, tail: bytes) -> None:
     """The magic and version are right, everything after them is random."""
-    path = tmp_path_factory.mktemp("p") / "r.gguf"
-    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + tail)
-    _check(read_gguf, path, InvalidGGUF)
+    _check_bytes(tmp_path_factory, "r.gguf", b"GGUF" + struct.pack("<I", 3) + tail, read_gguf, InvalidGGUF)
 
 
 @st.composite
@@ -91,9 +94,7 @@ def mutations(draw) -> bytes:
 @SETTINGS
 @given(mutations())
 def test_gguf_mutated_valid_file(tmp_path_factory, data: bytes) -> None:
-    path = tmp_path_factory.mktemp("p") / "m.gguf"
-    path.write_bytes(data)
-    model = _check(read_gguf, path, InvalidGGUF)
+    model = _check_bytes(tmp_path_factory, "m.gguf", data, read_gguf, InvalidGGUF)
     if model is not None:  # whatever passes is internally consistent: data inside the file, no overlap
         size = len(data)
         spans = sorted((t.offset, t.offset + t.nbytes) for t in model.tensors)
@@ -167,9 +168,7 @@ _DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8, "F8_E4M3":
 @SETTINGS
 @given(st.binary(max_size=2048))
 def test_safetensors_random_bytes(tmp_path_factory, data: bytes) -> None:
-    path = tmp_path_factory.mktemp("p") / "r.safetensors"
-    path.write_bytes(data)
-    _check(read_st_header, path, InvalidSafetensors)
+    _check_bytes(tmp_path_factory, "r.safetensors", data, read_st_header, InvalidSafetensors)
 
 
 _json = st.recursive(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import assert_clean_failure, invoke
-from .corpus import PWNED_MARKER, chat_template_gguf, template_payloads
+from .corpus_gguf import chat_template_gguf
+from .corpus_inputs import PWNED_MARKER, template_payloads
 
 PAYLOADS = sorted(template_payloads(Path("/x")))
 # Through the real `ask` (a model load each, ~5 s): one of each kind. Every payload also runs on the formatter.

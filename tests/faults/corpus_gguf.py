@@ -1,18 +1,14 @@
-"""Builders for every bad input of the fault suite: GGUF, safetensors, HF folders, chat templates.
+"""GGUF files for the fault suite, serialised byte by byte so that any field can be broken on purpose.
 
-GGUF files are serialised here byte by byte (independently of corral's writer) so that any field can
-be broken on purpose; `GGUFImage.pos` records where each field lives. Each corpus entry is a
-`Case`: a name, the bytes (or a builder) and a regular expression the error message must match.
+They are written here independently of corral's writer (and of its size tables); `GGUFImage.pos` records
+where each field lives. Each corpus entry is a `Case`: a name, the bytes and a regular expression the
+error message must match.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,35 +30,6 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-# Chat-template payloads: untrusted code that must neither run nor crash nor hang the app.
-PWNED_MARKER = "corral-template-pwned"
-
-
-def template_payloads(marker_dir: Path) -> dict[str, str]:
-    """name -> template source; `marker_dir / PWNED_MARKER` appears only if a payload escapes the sandbox."""
-    marker = str(marker_dir / PWNED_MARKER)
-    return {
-        "injection_globals": "{{ cycler.__init__.__globals__.os.popen('touch " + marker + "').read() }}",
-        "injection_mro": (
-            "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{% if c.__name__ == 'Popen' %}"
-            "{{ c(['touch', '" + marker + "']) }}{% endif %}{% endfor %}"
-        ),
-        "injection_attr": "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.system('touch "
-        + marker
-        + "') }}",
-        "loop": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x",
-        "explode_repeat": "{{ 'A' * 1000000000 }}",
-        "explode_replace": (
-            "{% set ns = namespace(x='aa') %}{% for i in range(40) %}"
-            "{% set ns.x = ns.x | replace('a', ns.x) %}{% endfor %}{{ ns.x }}"
-        ),
-        "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
-        "syntax_error": "{% for m in messages %}{{ m['content'] }",
-    }
-
-
-# ------------------------------------------------------------------------------------------ GGUF
-
 
 def pack_str(value: str | bytes) -> bytes:
     raw = value.encode("utf-8") if isinstance(value, str) else value
@@ -80,12 +47,19 @@ def pack_value(vtype: GGUFValueType, value: Any, etype: GGUFValueType | None = N
     return struct.pack(SCALAR_FMT[vtype], value)
 
 
+
+
 @dataclass(frozen=True)
 class KV:
     key: str
     vtype: GGUFValueType
     value: Any
     etype: GGUFValueType | None = None
+
+
+def pack_kv(kv: KV) -> bytes:
+    """One whole key/value entry: key, type tag, value."""
+    return pack_str(kv.key) + struct.pack("<I", int(kv.vtype)) + pack_value(kv.vtype, kv.value, kv.etype)
 
 
 @dataclass(frozen=True)
@@ -206,9 +180,9 @@ class Case:
     expect: str
 
 
-def _with_kv(key: str, kv: KV | None) -> list[KV]:
-    kvs = [k for k in small_llama_kvs() if k.key != key]
-    return kvs + ([kv] if kv else [])
+def _with_kv(kv: KV) -> list[KV]:
+    """The tiny Llama's metadata with `kv` set (replaced or added)."""
+    return [k for k in small_llama_kvs() if k.key != kv.key] + [kv]
 
 
 def gguf_cases() -> list[Case]:
@@ -256,18 +230,18 @@ def gguf_cases() -> list[Case]:
         Case("long_tensor_name", small_gguf(tensors=long_name).data, r"name is empty or 64\+ bytes"),
         Case("row_not_block_multiple", small_gguf(tensors=bad_block).data, r"not a multiple"),
         Case("alignment_not_power_of_two",
-             small_gguf(kvs=_with_kv("general.alignment", KV("general.alignment", V.UINT32, 24))).data,
+             small_gguf(kvs=_with_kv(KV("general.alignment", V.UINT32, 24))).data,
              r"not a power of two"),
         Case("architecture_not_string",
-             small_gguf(kvs=_with_kv("general.architecture", KV("general.architecture", V.UINT32, 7))).data,
+             small_gguf(kvs=_with_kv(KV("general.architecture", V.UINT32, 7))).data,
              r"general.architecture must be a string"),
         Case("absurd_block_count",
-             small_gguf(kvs=_with_kv("llama.block_count", KV("llama.block_count", V.UINT64, 1 << 40))).data,
+             small_gguf(kvs=_with_kv(KV("llama.block_count", V.UINT64, 1 << 40))).data,
              r"llama.block_count"),
         Case("split_count_without_split_name",
-             small_gguf(kvs=_with_kv("split.count", KV("split.count", V.UINT16, 3))).data, r"shard 1 of 3"),
+             small_gguf(kvs=_with_kv(KV("split.count", V.UINT16, 3))).data, r"shard 1 of 3"),
         Case("split_count_wrong_type",
-             small_gguf(kvs=_with_kv("split.count", KV("split.count", V.STRING, "three"))).data, r"split.count"),
+             small_gguf(kvs=_with_kv(KV("split.count", V.STRING, "three"))).data, r"split.count"),
     ]
 
 
@@ -276,10 +250,10 @@ def gguf_cases() -> list[Case]:
 
 @dataclass(frozen=True)
 class HeaderMap:
-    """Byte spans in a real GGUF header: each key's whole KV entry, the end of the tensor table."""
+    """A real GGUF header (up to the end of its tensor table) and each key's whole KV entry in it."""
 
+    head: bytes
     kv_spans: dict[str, tuple[int, int]]
-    info_end: int
     data_offset: int
     alignment: int
 
@@ -321,156 +295,27 @@ def map_header(path: Path) -> HeaderMap:
         at += 8 + nlen
         (ndims,) = struct.unpack_from("<I", head, at)
         at += 4 + 8 * ndims + 4 + 8
-    return HeaderMap(spans, at, -(-at // alignment) * alignment, alignment)
+    return HeaderMap(head[:at], spans, -(-at // alignment) * alignment, alignment)
 
 
-def rewrite_gguf(src: Path, dst: Path, *, set_kvs: list[KV] = (), drop: tuple[str, ...] = (),
-                 data_bytes: int | None = None, sparse: bool = False) -> Path:
-    """Copy `src` to `dst` with KV entries replaced/added/dropped (tensor data kept, re-aligned).
-
-    `data_bytes` cuts the data section short (truncation); `sparse` leaves the data as a hole of
-    zeros instead of copying it (the header is what matters and disk stays small).
-    """
+def rewrite_gguf(src: Path, dst: Path, set_kvs: list[KV]) -> Path:
+    """Copy `src` to `dst` with KV entries replaced or added (tensor data copied, re-aligned)."""
     hmap = map_header(src)
-    with open(src, "rb") as fh:
-        head = fh.read(hmap.info_end)
+    head = hmap.head
     replaced = {kv.key: kv for kv in set_kvs}
-    entries = []
-    for key, (start, end) in hmap.kv_spans.items():
-        if key in drop:
-            continue
-        if key in replaced:
-            kv = replaced.pop(key)
-            entries.append(pack_str(kv.key) + struct.pack("<I", int(kv.vtype)) + pack_value(kv.vtype, kv.value, kv.etype))
-        else:
-            entries.append(head[start:end])
-    for kv in replaced.values():
-        entries.append(pack_str(kv.key) + struct.pack("<I", int(kv.vtype)) + pack_value(kv.vtype, kv.value, kv.etype))
-    n_tensors = struct.unpack_from("<Q", head, 8)[0]
+    entries = [pack_kv(replaced.pop(key)) if key in replaced else head[start:end]
+               for key, (start, end) in hmap.kv_spans.items()]
+    entries += [pack_kv(kv) for kv in replaced.values()]
     kv_end = max(end for _, end in hmap.kv_spans.values())
-    new_head = head[:8] + struct.pack("<QQ", n_tensors, len(entries)) + b"".join(entries) + head[kv_end:]
+    new_head = head[:16] + struct.pack("<Q", len(entries)) + b"".join(entries) + head[kv_end:]
     new_head += b"\0" * (-len(new_head) % hmap.alignment)
-    total_data = src.stat().st_size - hmap.data_offset
-    keep = total_data if data_bytes is None else data_bytes
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.write(new_head)
-        if sparse:
-            fout.truncate(len(new_head) + keep)
-        else:
-            fin.seek(hmap.data_offset)
-            shutil.copyfileobj(fin, fout, 16 * 1024 * 1024) if keep == total_data else fout.write(fin.read(keep))
+        fin.seek(hmap.data_offset)
+        shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
     return dst
 
 
 def chat_template_gguf(src: Path, dst: Path, template: str) -> Path:
     """A copy of a real GGUF whose `tokenizer.chat_template` is `template`."""
-    return rewrite_gguf(src, dst, set_kvs=[KV("tokenizer.chat_template", V.STRING, template)])
-
-
-# ----------------------------------------------------------------------------------- safetensors
-
-
-def safetensors_bytes(header: dict[str, Any] | bytes, data: bytes, *, declared_len: int | None = None) -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(raw) if declared_len is None else declared_len) + raw + data
-
-
-def _good_st_header() -> dict[str, Any]:
-    return {
-        "__metadata__": {"format": "pt"},
-        "a": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
-        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [32, 40]},
-    }
-
-
-def good_safetensors() -> bytes:
-    return safetensors_bytes(_good_st_header(), bytes(range(40)))
-
-
-def safetensors_cases() -> list[Case]:
-    """Malformed safetensors files, each a mutation of a valid two-tensor file."""
-    good = _good_st_header()
-
-    def mut(name: str, **entry: Any) -> dict[str, Any]:
-        doc = json.loads(json.dumps(good))
-        doc[name].update(entry)
-        return doc
-
-    data = bytes(range(40))
-    deep = b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
-    return [
-        Case("st_empty", b"", r"shorter than 8 bytes"),
-        Case("st_header_len_absurd", struct.pack("<Q", 1 << 62) + b"{}", r"exceeds the .*cap"),
-        Case("st_header_len_past_end", struct.pack("<Q", 10_000) + b"{}", r"past the end"),
-        Case("st_header_not_json", safetensors_bytes(b"{not json at all", data), r"not valid UTF-8 JSON"),
-        Case("st_header_not_object", safetensors_bytes(b"[1, 2, 3]", data), r"does not start with|not a JSON object"),
-        Case("st_header_deeply_nested", safetensors_bytes(deep, data), r"invalid safetensors header"),
-        Case("st_overlapping", safetensors_bytes(mut("b", data_offsets=[24, 32]), data), r"overlaps"),
-        Case("st_gap", safetensors_bytes(mut("b", data_offsets=[34, 42]), data + b"xx"), r"gap"),
-        Case("st_data_past_end", safetensors_bytes(good, data[:36]), r"past the end"),
-        Case("st_data_short_of_end", safetensors_bytes(good, data + b"extra"), r"before the end"),
-        Case("st_dtype_shape_mismatch", safetensors_bytes(mut("a", shape=[3, 4]), data), r"want 48"),
-        Case("st_unknown_dtype", safetensors_bytes(mut("a", dtype="F128"), data), r"unsupported dtype"),
-        Case("st_negative_shape", safetensors_bytes(mut("a", shape=[-2, -4]), data), r"bad shape"),
-        Case("st_bad_offsets", safetensors_bytes(mut("a", data_offsets=[32, 0]), data), r"bad data_offsets"),
-    ]
-
-
-# ------------------------------------------------------------------------------- HF folders
-
-
-def _edit_json(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    doc = json.loads(path.read_text())
-    edit(doc)
-    path.write_text(json.dumps(doc))
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """A cheap copy of a checkpoint folder (weights hard-linked: corral must never write to its input)."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix == ".safetensors":
-            os.link(f, dst / f.name)
-        else:
-            shutil.copy2(f, dst / f.name)
-    return dst
-
-
-def _replace_shard(folder: Path, data: bytes) -> None:
-    shard = sorted(folder.glob("*.safetensors"))[0]
-    shard.unlink()  # break the hard link first: never modify the shared original
-    shard.write_bytes(data)
-
-
-def _truncate_shard(folder: Path) -> None:
-    shard = sorted(folder.glob("*.safetensors"))[-1]
-    raw = shard.read_bytes()
-    shard.unlink()
-    shard.write_bytes(raw[:-1000])
-
-
-def _shape_mismatch(folder: Path) -> None:
-    _edit_json(folder / "config.json", lambda c: c.update(hidden_size=c["hidden_size"] * 2))
-
-
-HF_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
-    "hf_unknown_architecture": (
-        lambda d: _edit_json(d / "config.json", lambda c: c.update(architectures=["MambaForCausalLM"],
-                                                                    model_type="mamba")),
-        r"(?i)mamba|architecture|unsupported",
-    ),
-    "hf_missing_config": (lambda d: (d / "config.json").unlink(), r"config\.json"),
-    "hf_config_not_json": (lambda d: (d / "config.json").write_text("{oops"), r"config\.json"),
-    "hf_missing_tokenizer_json": (lambda d: (d / "tokenizer.json").unlink(), r"tokenizer\.json"),
-    "hf_missing_tokenizer_config": (lambda d: (d / "tokenizer_config.json").unlink(), r"tokenizer_config\.json"),
-    "hf_shapes_disagree_with_config": (_shape_mismatch, r"(?i)shape"),
-    "hf_missing_shard": (lambda d: sorted(d.glob("*.safetensors"))[-1].unlink(), r"safetensors"),
-    "hf_shard_header_garbage": (lambda d: _replace_shard(d, b"\xff" * 64), r"safetensors"),
-    "hf_shard_truncated": (_truncate_shard, r"safetensors"),
-    "hf_index_not_json": (lambda d: (d / "model.safetensors.index.json").write_text("]["), r"index"),
-    "hf_no_weights": (lambda d: [f.unlink() for f in d.glob("*.safetensors*")], r"(?i)safetensors|weights"),
-}
-
-
-def strip_markup(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return rewrite_gguf(src, dst, [KV("tokenizer.chat_template", V.STRING, template)])
