@@ -21,6 +21,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
 
 from .errors import InputNotFound, InvalidGGUF
+from .gguf_keys import MAX_COUNT, check_known_keys
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -28,37 +29,7 @@ DEFAULT_ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_STRING_BYTES = 64 * 1024 * 1024  # a chat template or key is never this large
 MAX_ARRAY_DEPTH = 2
-MAX_COUNT = 1 << 24  # no real model has 16M keys, tensors or vocab entries
 MAX_TENSOR_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses names of 64 bytes or more
-# Hyperparameters that size loops and buffers downstream (planner, engine): sane upper bounds.
-_INT_BOUNDS: dict[str, int] = {
-    Keys.LLM.BLOCK_COUNT: 1 << 16,
-    Keys.LLM.CONTEXT_LENGTH: 1 << 32,
-    Keys.LLM.EMBEDDING_LENGTH: 1 << 20,
-    Keys.LLM.FEED_FORWARD_LENGTH: 1 << 24,
-    Keys.LLM.VOCAB_SIZE: MAX_COUNT,
-    Keys.Attention.HEAD_COUNT: 1 << 16,
-    Keys.Attention.HEAD_COUNT_KV: 1 << 16,
-    Keys.Attention.KEY_LENGTH: 1 << 16,
-    Keys.Attention.VALUE_LENGTH: 1 << 16,
-    Keys.Rope.DIMENSION_COUNT: 1 << 16,
-}
-_GLOBAL_INT_BOUNDS: dict[str, int] = {
-    Keys.Split.LLM_KV_SPLIT_COUNT: 99999,
-    Keys.Split.LLM_KV_SPLIT_NO: 99999,
-    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: MAX_COUNT,
-    Keys.General.FILE_TYPE: 1 << 16,
-    Keys.Tokenizer.BOS_ID: MAX_COUNT,
-    Keys.Tokenizer.EOS_ID: MAX_COUNT,
-}
-_STRING_KEYS = (
-    Keys.General.ARCHITECTURE,
-    Keys.General.NAME,
-    Keys.Tokenizer.MODEL,
-    Keys.Tokenizer.PRE,
-    Keys.Tokenizer.CHAT_TEMPLATE,
-)
-
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
@@ -275,7 +246,7 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
         raise cur.fail(f"{Keys.General.ALIGNMENT} must be a uint32")
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise cur.fail(f"alignment {alignment!r} is not a power of two")
-    _check_known_keys(metadata, cur)
+    check_known_keys(metadata, path)
 
     raw_tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
     seen: set[str] = set()
@@ -337,32 +308,6 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
         data_offset=data_offset,
         file_bytes=file_bytes,
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_known_keys(metadata: dict[str, Any], cur: _Cursor) -> None:
-    """Keys that corral and llama.cpp rely on must have sane types and values."""
-    for key in _STRING_KEYS:
-        if key in metadata and not isinstance(metadata[key], str):
-            raise cur.fail(f"{key} must be a string")
-    tokens = metadata.get(Keys.Tokenizer.LIST)
-    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
-        raise cur.fail(f"{Keys.Tokenizer.LIST} must be an array of strings")
-    arch = metadata.get(Keys.General.ARCHITECTURE)
-    bounds = dict(_GLOBAL_INT_BOUNDS)
-    if isinstance(arch, str):
-        bounds.update({template.format(arch=arch): limit for template, limit in _INT_BOUNDS.items()})
-    for key, limit in bounds.items():
-        if key not in metadata:
-            continue
-        value = metadata[key]
-        values = value if isinstance(value, list) else [value]  # per-layer lists exist in some architectures
-        if not all(_is_int(v) and 0 <= v <= limit for v in values):
-            shown = value if not isinstance(value, list) else f"an array of {len(value)}"
-            raise cur.fail(f"{key} is {shown!r}, want an integer in 0..{limit:,}")
 
 
 def split_paths(path: str | Path) -> list[Path]:
