@@ -24,8 +24,8 @@ from typing import Any
 
 from llama_cpp import Llama
 
-from corral.app.engine import load_engine
-from corral.app.engine_api import Message, SamplingSettings
+from corral.app.runtime.engine import load_engine
+from corral.app.runtime.api import Message, SamplingSettings
 
 MESSAGES = [Message("system", "You are a helpful assistant."), Message("user", "Write a long story about a llama.")]
 CHAT = [{"role": m.role, "content": m.content} for m in MESSAGES]
@@ -42,7 +42,7 @@ class _Plan:
 
 def _tiny(folder: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from engine_helpers import write_tiny_gguf
+    from tests.helpers.engine import write_tiny_gguf
 
     return write_tiny_gguf(folder / "tiny.gguf")
 

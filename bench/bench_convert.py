@@ -111,7 +111,7 @@ def main() -> None:
                 out.unlink(missing_ok=True)
                 _warm(src)
                 if tool == "corral":
-                    cmd = [sys.executable, "-c", "from corral.app.cli import main; main()", "convert", str(src),
+                    cmd = [sys.executable, "-c", "from corral.app.cli.main import main; main()", "convert", str(src),
                            "-o", str(out), "--outtype", outtype, "--quiet"]
                 else:
                     cmd = [sys.executable, str(ref), str(src), "--outfile", str(out), "--outtype", outtype]

@@ -155,20 +155,6 @@ def shard_kvs(kvs: Sequence[KV], n_shards: int, n_tensors: int) -> list[list[KV]
     return out
 
 
-def parse_size(text: str) -> int:
-    """'50G' -> 50_000_000_000 (K/M/G/T are powers of 1000, as in llama.cpp's converter)."""
-    s = text.strip().upper().removesuffix("B")
-    mult = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}.get(s[-1:], 1)
-    digits = s[:-1] if s[-1:] in "KMGT" else s
-    try:
-        n = int(digits)
-    except ValueError as exc:
-        raise UsageError(f"invalid size {text!r} (use e.g. 50G, 500M or a number of bytes)") from exc
-    if n <= 0:
-        raise UsageError(f"invalid size {text!r}: must be positive")
-    return n * mult
-
-
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 

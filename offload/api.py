@@ -9,7 +9,7 @@ from typing import Any
 from corral.convert.errors import UsageError
 
 from . import memory, throughput
-from .gpus import human
+from corral.convert.units import format_bytes as human
 from .hardware import Hardware, detect_hardware
 from .plan import Plan
 from .profile import ModelProfile, load_profile

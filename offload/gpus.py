@@ -6,9 +6,8 @@ import re
 from dataclasses import dataclass
 
 from corral.convert.errors import UsageError
+from corral.convert.units import GiB, format_bytes, is_size, parse_rate, parse_size
 
-MiB = 1024**2
-GiB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -76,37 +75,6 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", text.lower().replace("nvidia", "").replace("geforce", ""))
 
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
-_POW = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB' -> bytes; '24GB' is decimal, '24G'/'24GiB' binary (as RAM and VRAM are sold)."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise UsageError(f"not a size: {text!r} (examples: 24GiB, 128GB, 512MiB)")
-    value, prefix, binary, b = float(m[1]), m[2].lower(), m[3], m[4]
-    if not prefix and not b:
-        return int(value)
-    base = 1024 if (binary or not b) else 1000
-    return int(value * base ** _POW[prefix])
-
-
-def parse_rate(text: str) -> float:
-    """'3GB/s' -> bytes per second (decimal units, as drive and memory bandwidths are quoted)."""
-    s = str(text).strip()
-    if s.lower().endswith("/s"):
-        s = s[:-2]
-    m = _SIZE_RE.match(s)
-    if not m:
-        raise UsageError(f"not a bandwidth: {text!r} (examples: 3GB/s, 1008GB/s, 500MB/s)")
-    value, prefix, binary = float(m[1]), m[2].lower(), m[3]
-    rate = value * (1024 if binary else 1000) ** _POW[prefix]
-    if rate <= 0:
-        raise UsageError(f"bandwidth must be positive: {text!r}")
-    return rate
-
-
 @dataclass(frozen=True)
 class GPUSpec:
     """A what-if GPU: memory and bandwidth (None: unknown, assume a typical card)."""
@@ -119,7 +87,7 @@ class GPUSpec:
 def parse_gpu_spec(text: str) -> GPUSpec:
     """'24GiB', '24GiB@1008GB/s', 'rtx4090' or 'h100' -> GPUSpec."""
     s = text.strip()
-    card = find_gpu(s) if not _SIZE_RE.match(s.split("@")[0]) else None
+    card = find_gpu(s) if not is_size(s.split("@")[0]) else None
     if card is not None:
         return GPUSpec(card.name, card.memory_bytes, card.bandwidth)
     size_text, _, rate_text = s.partition("@")
@@ -131,14 +99,4 @@ def parse_gpu_spec(text: str) -> GPUSpec:
     if size <= 0:
         raise UsageError(f"GPU memory must be positive: {text!r}")
     rate = parse_rate(rate_text) if rate_text else None
-    return GPUSpec(f"GPU {human(size)}", size, rate)
-
-
-def human(n: float) -> str:
-    """Bytes as a short binary string: 23.5 GiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover
+    return GPUSpec(f"GPU {format_bytes(size)}", size, rate)

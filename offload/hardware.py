@@ -12,7 +12,9 @@ from typing import Any
 
 from corral.convert.errors import InputNotFound, InvalidFile, UsageError
 
-from .gpus import GiB, GPUSpec, find_gpu
+from corral.convert.units import GiB
+
+from .gpus import GPUSpec, find_gpu
 
 # Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
 DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read

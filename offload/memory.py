@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from corral.convert.errors import UsageError
 from corral.convert.gguf_file import tensor_nbytes
 
-from .gpus import MiB
+from corral.convert.units import MiB
 from .profile import ModelProfile, TensorInfo
 
 T = GGMLQuantizationType

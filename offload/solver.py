@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import memory
-from .gpus import human
+from corral.convert.units import format_bytes as human
 from .hardware import Hardware
 from .plan import DevicePlan
 from .profile import ModelProfile, TensorInfo

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from engine_helpers import cpu_plan, shared_tiny_gguf, write_tiny_gguf
+from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 
 from corral.app import engine as engine_mod
-from corral.app.cli import cli
-from corral.app.cmd_ask import read_prompt
-from corral.app.engine import LlamaEngine, load_engine
-from corral.app.engine_api import Message
+from corral.app.cli.main import cli
+from corral.app.cli.cmd_ask import read_prompt
+from corral.app.runtime.engine import LlamaEngine, load_engine
+from corral.app.runtime.api import Message
 
 JSON_KEYS = {"text", "prompt_tokens", "completion_tokens", "prompt_seconds", "generation_seconds", "tokens_per_second",
              "stop_reason"}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_helpers import shared_tiny_gguf
+from tests.helpers.engine import shared_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ask(model: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "corral.app.cli", "ask", "-m", str(model), "Tell me everything.",
+    cmd = [sys.executable, "-m", "corral.app.cli.main", "ask", "-m", str(model), "Tell me everything.",
            "--temperature", "0", "--max-tokens", "0", "--ctx", "8192", "--threads", "1", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

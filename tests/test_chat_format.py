@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from corral.app.chat_format import (
+from corral.app.runtime.chat_format import (
     ChatFormatter,
     ChatTemplate,
     TemplateLimits,
@@ -20,7 +20,7 @@ from corral.app.chat_format import (
     drop_oldest_turns,
     expanded_chars,
 )
-from corral.app.engine_api import Message
+from corral.app.runtime.api import Message
 from corral.convert.errors import TemplateError, UsageError
 from corral.convert.llama3_tokenizer import LLAMA3_CHAT_TEMPLATE
 
@@ -215,8 +215,8 @@ SHARED_EXPLOSIONS = {
 }
 _SHARED_PROBE = """
 import json, resource, sys, time
-from corral.app.chat_format import ChatFormatter, TemplateLimits
-from corral.app.engine_api import Message
+from corral.app.runtime.chat_format import ChatFormatter, TemplateLimits
+from corral.app.runtime.api import Message
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {}
 for name, source in json.loads(sys.stdin.read()).items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from corral.app.cli import cli
+from corral.app.cli.main import cli
 
 COMMANDS = ["plan", "convert", "quantize", "download", "info", "ask", "chat", "demo"]
 

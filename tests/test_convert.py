@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from corral.app.cli import cli
+from corral.app.cli.main import cli
 from corral.convert import atomic, ggml_q8
 from corral.convert import llama_tensors as lt
 from corral.convert.converter import (

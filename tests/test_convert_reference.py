@@ -52,7 +52,7 @@ CASES = (
     Case("gqa2-f32", MiniSpec(hidden=96, n_layers=2, n_heads=6, n_kv_heads=3, ffn=160, dtype="float32",
                               instruct=False, rope_scaling=False, shards=3), ("f32", "bf16")),
 )
-SPLIT_CASE, SPLIT_SIZE = "gqa4-bf16", "12M"
+SPLIT_CASE, SPLIT_SIZE = "gqa4-bf16", "12M"  # llama.cpp: M = 10^6
 
 
 def _reference(src: Path, out: Path, outtype: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -87,10 +87,10 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str],
         convert_checkpoint(src, ours, outtype=outtype)
         pairs[(case_name, outtype)] = (ours, ref)
     (root / "split-ours").mkdir()
-    from corral.convert.gguf_writer import parse_size
+    from corral.convert.units import parse_size
 
     result = convert_checkpoint(split_src, root / "split-ours" / "m.gguf", outtype="bf16",
-                                split_max_size=parse_size(SPLIT_SIZE))
+                                split_max_size=parse_size(SPLIT_SIZE + "B"))
     pairs[(SPLIT_CASE, "split")] = (result.paths[0].parent, root / "split-ref")
     return pairs
 

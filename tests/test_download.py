@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from corral.app.cli import cli
+from corral.app.cli.main import cli
 from corral.convert import atomic
 from corral.convert import download as dl
 from corral.convert.errors import InsufficientDisk, UsageError

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import cpu_plan, shared_tiny_gguf, write_tiny_gguf
+from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 from llama_cpp import Llama
 
-from corral.app.chat_format import builtin_llama3_prompt
-from corral.app.engine import EngineOptions, LlamaEngine, load_engine
-from corral.app.engine_api import Message, SamplingSettings
+from corral.app.runtime.chat_format import builtin_llama3_prompt
+from corral.app.runtime.engine import EngineOptions, LlamaEngine, load_engine
+from corral.app.runtime.api import Message, SamplingSettings
 from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, InvalidGGUF
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=48)

@@ -11,7 +11,8 @@ import pytest
 
 from corral.convert.errors import InvalidFile, UsageError
 from corral.offload import hardware
-from corral.offload.gpus import GiB, find_gpu, parse_gpu_spec, parse_rate, parse_size
+from corral.convert.units import GiB, parse_rate, parse_size
+from corral.offload.gpus import find_gpu, parse_gpu_spec
 from corral.offload.hardware import GPU, Hardware, hardware_from_json, load_hardware_file, what_if
 
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from corral.convert.errors import UsageError
 from corral.offload import memory
 from corral.offload.api import PlanOptions, best_quant, plan_model
-from corral.offload.gpus import GiB, parse_gpu_spec
+from corral.convert.units import GiB
+from corral.offload.gpus import parse_gpu_spec
 from corral.offload.hardware import GPU, Hardware, what_if
 
 AVX2 = frozenset({"avx2", "fma", "f16c"})
@@ -197,7 +198,7 @@ def test_unknown_model_and_options() -> None:
 
 
 def test_cli_json_and_table(tmp_path) -> None:
-    from corral.app.cli import cli
+    from corral.app.cli.main import cli
 
     hwfile = tmp_path / "hw.json"
     hwfile.write_text(json.dumps(machine(24).to_json()))

@@ -10,7 +10,7 @@ from bench.bench_plan import llama_buffers, quantize_real, quantizer_tensor_byte
 from corral.offload import memory
 from corral.offload.api import PlanOptions, plan_model
 from corral.offload.catalog import CATALOG, ModelShape
-from corral.offload.gpus import GiB
+from corral.convert.units import GiB
 from corral.offload.hardware import Hardware, cpu_info
 from corral.offload.profile import profile_from_gguf, profile_from_shape
 

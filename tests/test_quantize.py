@@ -23,7 +23,7 @@ from test_quantize_helpers import (
     write_mini_gguf,
 )
 
-from corral.app.cli import cli
+from corral.app.cli.main import cli
 from corral.convert import quant_types as QT
 from corral.convert.errors import Cancelled, ImatrixRequired, UsageError
 from corral.convert.gguf_file import read_gguf

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.app.engine_api import GenerationStats, Message
-from corral.app.store import SCHEMA_VERSION, ChatStore, default_store_path, make_title
+from corral.app.runtime.api import GenerationStats, Message
+from corral.app.chats.store import SCHEMA_VERSION, ChatStore, default_store_path, make_title
 from corral.convert.errors import StoreError
 
 
@@ -105,7 +105,7 @@ def test_kill_during_reply_keeps_user_turn_and_partial_reply(tmp_path: Path) -> 
     path = tmp_path / "chat.sqlite3"
     script = textwrap.dedent(f"""
         import sys, time
-        from corral.app.store import ChatStore
+        from corral.app.chats.store import ChatStore
         s = ChatStore({str(path)!r})
         cid = s.new_conversation(model="m")
         s.add_message(cid, "user", "tell me a story")

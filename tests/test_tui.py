@@ -6,10 +6,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine, replied, run_chat, split_tokens, store_fixture, wait_until  # noqa: F401 (fixture)
+from tests.helpers.fake_engine import FakeEngine, replied, run_chat, split_tokens, store_fixture, wait_until  # noqa: F401 (fixture)
 
-from corral.app.engine_api import Message, SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.tui.app import ChatApp, make_app
 from corral.tui.prompt_input import PromptInput
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from corral.app.cli import cli
-from corral.app.store import ChatStore, default_store_path
+from corral.app.cli.main import cli
+from corral.app.chats.store import ChatStore, default_store_path
 
 
 def _seed() -> int:

@@ -6,17 +6,17 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from fake_engine import chat_ready, wait_until
+from tests.helpers.fake_engine import chat_ready, wait_until
 
-from corral.app.engine_api import Message, SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.tui.app import make_app
 from corral.tui.prompt_input import PromptInput
 
 
 @pytest.mark.slow
 def test_chat_with_real_miniature_gguf(mini_gguf_f32: Path, tmp_path: Path) -> None:
-    from corral.app.engine import EngineOptions, load_engine
+    from corral.app.runtime.engine import EngineOptions, load_engine
 
     progress_seen: list[float] = []
 

@@ -7,10 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine, fake_plan, replied, run_chat, store_fixture, wait_until  # noqa: F401 (fixture)
+from tests.helpers.fake_engine import FakeEngine, fake_plan, replied, run_chat, store_fixture, wait_until  # noqa: F401 (fixture)
 
-from corral.app.engine_api import Message, SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.tui.app import ChatApp, make_app
 from corral.tui.chat_screen import ChatScreen
 from corral.tui.conversation_list import ConversationListScreen

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine, chat_ready, fake_plan, wait_until
+from tests.helpers.fake_engine import FakeEngine, chat_ready, fake_plan, wait_until
 
-from corral.app.engine_api import SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.tui.app import ChatApp, make_app
 from corral.tui.memory_view import GpuUsage, LiveUsage
 from corral.tui.prompt_input import PromptInput

@@ -14,8 +14,8 @@ from textual.app import App
 from textual.message import Message as TMessage
 from textual.notifications import SeverityLevel
 
-from corral.app.engine_api import ChatEngine, SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import ChatEngine, SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.convert.errors import Cancelled
 
 from .chat_screen import ChatScreen

@@ -13,7 +13,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
-from corral.app.engine_api import Generation, GenerationStats, Message
+from corral.app.runtime.api import Generation, GenerationStats, Message
 from corral.convert.errors import ContextOverflow, CorralError
 
 from .chat_commands import ChatCommands

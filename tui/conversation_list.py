@@ -14,7 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from corral.app.store import ChatStore, ConversationSummary
+from corral.app.chats.store import ChatStore, ConversationSummary
 from corral.convert.errors import CorralError
 
 NEW_ID = "new"

@@ -17,7 +17,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from corral.app.ui import human_bytes
+from corral.convert.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def streams_from_disk(plan: Any) -> bool:
 
 
 def _b(n: int | None) -> str:
-    return "—" if n is None else human_bytes(n)
+    return "—" if n is None else format_bytes(n)
 
 
 def render_memory(plan: Any | None, live: LiveUsage) -> Group:

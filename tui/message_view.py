@@ -8,7 +8,7 @@ import time
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
-from corral.app.store import EXPORT_NOTES
+from corral.app.chats.store import EXPORT_NOTES
 
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
 STATUS_NOTES = {**EXPORT_NOTES, "error": "failed"}

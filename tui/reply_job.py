@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from textual.message import Message as TMessage
 
-from corral.app.engine_api import Generation, Message, SamplingSettings
+from corral.app.runtime.api import Generation, Message, SamplingSettings
 
 from .message_view import MessageBox, PieceBuffer, ReplyBox
 

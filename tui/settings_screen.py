@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
-from corral.app.engine_api import SamplingSettings
+from corral.app.runtime.api import SamplingSettings
 
 
 @dataclass(frozen=True)

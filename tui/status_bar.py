@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from corral.app.engine_api import GenerationStats
+from corral.app.runtime.api import GenerationStats
 
 
 class StatusBar(Static):

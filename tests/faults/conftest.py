@@ -14,7 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from corral.app.cli import cli
+from corral.app.cli.main import cli
 
 from .corpus_gguf import gguf_cases, small_gguf
 
@@ -151,7 +151,7 @@ def fake_tty(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make `corral chat` believe it runs in a terminal (its TUI must then never start on a bad model)."""
     import types
 
-    import corral.app.cmd_chat as cmd_chat
+    import corral.app.cli.cmd_chat as cmd_chat
 
     tty = types.SimpleNamespace(isatty=lambda: True)
     monkeypatch.setattr(cmd_chat, "sys", types.SimpleNamespace(stdin=tty, stdout=tty))

@@ -24,7 +24,7 @@ def test_ask_refuses_before_loading_when_ram_is_short(mini_gguf_bf16: Path, monk
     """A machine with 64 MiB of RAM and no swap: the plan refuses, with advice, and llama.cpp never loads."""
     import psutil
 
-    import corral.app.engine as engine
+    import corral.app.runtime.engine as engine
 
     vm = namedtuple("svmem", "total available percent used free")(64 << 20, 32 << 20, 50.0, 32 << 20, 32 << 20)
     sw = namedtuple("sswap", "total used free percent sin sout")(0, 0, 0, 0.0, 0, 0)
@@ -60,7 +60,7 @@ def test_ask_truncate_fits_instead(mini_gguf_bf16: Path) -> None:
 # ---------------------------------------------------------------------------------- chat store
 
 def test_corrupt_store_is_reported_not_replaced(tmp_path: Path, monkeypatch) -> None:
-    from corral.app.store import default_store_path
+    from corral.app.chats.store import default_store_path
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     path = default_store_path()
@@ -73,7 +73,7 @@ def test_corrupt_store_is_reported_not_replaced(tmp_path: Path, monkeypatch) -> 
 
 
 def test_locked_store_is_reported(tmp_path: Path, monkeypatch) -> None:
-    from corral.app.store import ChatStore, default_store_path
+    from corral.app.chats.store import ChatStore, default_store_path
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     path = default_store_path()
@@ -96,7 +96,7 @@ def test_locked_store_is_reported(tmp_path: Path, monkeypatch) -> None:
 
 _CRASH = """
 import os, sys
-from corral.app.store import ChatStore
+from corral.app.chats.store import ChatStore
 store = ChatStore(sys.argv[1])
 cid = store.new_conversation(model="m")
 store.add_message(cid, "user", "what I typed before the crash")
@@ -107,7 +107,7 @@ os.kill(os.getpid(), 9)
 
 
 def test_kill_during_reply_loses_nothing_typed(tmp_path: Path) -> None:
-    from corral.app.store import ChatStore
+    from corral.app.chats.store import ChatStore
 
     path = tmp_path / "chats.sqlite3"
     proc = subprocess.run([sys.executable, "-c", _CRASH, str(path)], capture_output=True, timeout=60)
@@ -121,7 +121,7 @@ def test_kill_during_reply_loses_nothing_typed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["--list", "--export"])
 def test_store_path_is_a_directory(what: str, tmp_path: Path, monkeypatch) -> None:
-    from corral.app.store import default_store_path
+    from corral.app.chats.store import default_store_path
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     path = default_store_path()

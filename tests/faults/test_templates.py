@@ -31,8 +31,8 @@ def payload_models(mini_gguf_bf16: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_formatter_contains_payload(payload: str, tmp_path: Path) -> None:
-    from corral.app.chat_format import ChatFormatter, builtin_llama3_prompt
-    from corral.app.engine_api import Message
+    from corral.app.runtime.chat_format import ChatFormatter, builtin_llama3_prompt
+    from corral.app.runtime.api import Message
 
     messages = [Message("user", "hello")]
     formatter = ChatFormatter(template_payloads(tmp_path)[payload])
@@ -82,8 +82,8 @@ EXPLOSIONS = {
 }
 _PROBE = """
 import resource, sys, time
-from corral.app.chat_format import ChatFormatter, TemplateLimits
-from corral.app.engine_api import Message
+from corral.app.runtime.chat_format import ChatFormatter, TemplateLimits
+from corral.app.runtime.api import Message
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 # a generous time budget, so that only the size guards (not the clock) can stop the growth: deterministic
 f = ChatFormatter(sys.stdin.read(), limits=TemplateLimits(max_seconds=30.0))

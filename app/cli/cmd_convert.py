@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
+from corral.convert.units import SIZE_HELP, format_bytes
 from corral.convert.errors import UsageError
 from corral.convert.progress import ProgressFn
 
-from . import ui
+from corral.app.cli import ui
 
 
 @click.command("convert")
@@ -28,7 +29,7 @@ from . import ui
 )
 @click.option("--quant", "quant", metavar="TYPE", help="Quantize while converting (e.g. Q4_K_M, IQ2_XXS): no BF16 GGUF on disk.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for --quant (.dat or .gguf).")
-@click.option("--split-max-size", metavar="SIZE", help="Split into shards of at most SIZE (e.g. 50G; K/M/G = 1000^n).")
+@click.option("--split-max-size", metavar="SIZE", help="Split into shards of at most SIZE (e.g. 50GB; " + SIZE_HELP + ").")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -40,7 +41,7 @@ def convert(src: Path, out: Path, outtype: str, quant: str | None, imatrix: Path
     or Meta's FP8). The output matches llama.cpp's own converter byte for byte (q8_0 included),
     streams tensor by tensor with bounded memory, and appears atomically.
     """
-    from corral.convert.gguf_writer import parse_size
+    from corral.convert.units import parse_size
 
     split = parse_size(split_max_size) if split_max_size else None
     if imatrix is not None and quant is None:
@@ -55,7 +56,7 @@ def convert(src: Path, out: Path, outtype: str, quant: str | None, imatrix: Path
             qres = convert_quantized(src, out, ftype=quant, imatrix=imatrix, force=force, progress=progress)
         size = int(getattr(qres, "bytes_written", 0))
         payload = {"paths": [str(out)], "bytes": size, "type": quant.upper()}
-        _report(payload, json_, f"wrote {out} ({ui.human_bytes(size)}, {quant.upper()})")
+        _report(payload, json_, f"wrote {out} ({format_bytes(size)}, {quant.upper()})")
         return
     from corral.convert.converter import convert_checkpoint
 
@@ -70,7 +71,7 @@ def convert(src: Path, out: Path, outtype: str, quant: str | None, imatrix: Path
         "seconds": round(result.seconds, 3),
     }
     where = result.paths[0] if len(result.paths) == 1 else f"{len(result.paths)} shards, first {result.paths[0]}"
-    _report(payload, json_, f"wrote {where} ({ui.human_bytes(result.bytes_written)}, {result.n_tensors} tensors, "
+    _report(payload, json_, f"wrote {where} ({format_bytes(result.bytes_written)}, {result.n_tensors} tensors, "
                             f"{result.outtype}, {result.seconds:.1f} s)")
 
 

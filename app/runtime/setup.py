@@ -32,7 +32,7 @@ def resolve_model_path(model: str | Path) -> Path:
     """A GGUF path as given, or a file/folder name under corral's models directory."""
     path = Path(model).expanduser()
     if not path.exists():
-        from .locations import data_dir
+        from corral.app.locations import data_dir
 
         for candidate in (data_dir() / "models" / str(model), data_dir() / "models" / f"{model}.gguf"):
             if candidate.exists():
@@ -77,7 +77,7 @@ def effective_kwargs(plan: Any, options: EngineOptions) -> dict[str, Any]:
     if options.use_mlock is not None:
         kwargs["use_mlock"] = options.use_mlock
     if options.kv_type and options.kv_type != "f16":
-        from .engine_native import kv_type_id  # llama_cpp: loaded only when a model is
+        from corral.app.runtime.native import kv_type_id  # llama_cpp: loaded only when a model is
 
         kv_type_id(options.kv_type)  # validates the name
         kwargs["type_k"] = kwargs["type_v"] = options.kv_type

@@ -24,11 +24,11 @@ from typing import Any
 from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, UsageError
 from corral.convert.gguf_file import read_gguf
 
-from .chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
-from .engine_api import Generation, GenerationStats, Message, SamplingSettings, StopReason
-from .engine_native import LOG, build_params, init_backend
-from .engine_native import lc as _lc
-from .engine_setup import (
+from corral.app.runtime.chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
+from corral.app.runtime.api import Generation, GenerationStats, Message, SamplingSettings, StopReason
+from corral.app.runtime.native import LOG, build_params, init_backend
+from corral.app.runtime.native import lc as _lc
+from corral.app.runtime.setup import (
     EngineOptions,
     does_not_fit_message,
     effective_kwargs,

@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.offload.api import PlanOptions, plan_model
-from corral.offload.gpus import parse_gpu_spec, parse_rate, parse_size
+from corral.convert.units import SIZE_HELP, format_bytes, parse_rate, parse_size
+from corral.offload.gpus import parse_gpu_spec
 from corral.offload.hardware import Hardware, detect_hardware, load_hardware_file, what_if
 from corral.offload.plan import Plan
 
-from . import ui
+from corral.app.cli import ui
 
 
 def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str | None, cpu_only: bool,
@@ -40,8 +41,8 @@ def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str 
 @click.option("--ubatch", "n_ubatch", type=int, default=512, show_default=True, help="Physical batch size.")
 @click.option("--threads", "n_threads", type=int, help="CPU threads (default: physical cores).")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, help="Force this many layers on GPU.")
-@click.option("--gpu", multiple=True, help="What-if GPU: 24GiB, 24GiB@1008GB/s or a card (rtx4090, a100-80g, h100).")
-@click.option("--ram", help="What-if RAM size, e.g. 128GiB.")
+@click.option("--gpu", multiple=True, help="What-if GPU: 24GiB, 24GiB@1008GB/s or a card (rtx4090, a100-80g, h100); " + SIZE_HELP + ".")
+@click.option("--ram", help="What-if RAM size, e.g. 128GiB (" + SIZE_HELP + ").")
 @click.option("--disk-read", help="What-if disk read bandwidth, e.g. 3GB/s.")
 @click.option("--cpu-only", is_flag=True, help="Plan as if there were no GPU.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), help="Hardware description JSON.")
@@ -80,7 +81,7 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
         mark = "→ " if r.quant == pick else "  "
         fits = "[green]yes[/]" if r.plan.fits and not j["disk_bytes"] else (
             "[yellow]streams[/]" if r.plan.fits else "[red]no[/]")
-        table.add_row(mark + r.quant, ui.human_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]), _b(j["ram_bytes"]),
+        table.add_row(mark + r.quant, format_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]), _b(j["ram_bytes"]),
                       _b(j["disk_bytes"]), str(r.plan.n_ctx), _tps(r.plan.tokens_per_second))
     console.print(table)
     if pick:
@@ -92,7 +93,7 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
 
 
 def _b(n: int) -> str:
-    return ui.human_bytes(n) if n else "-"
+    return format_bytes(n) if n else "-"
 
 
 def _tps(x: float) -> str:
@@ -109,12 +110,12 @@ def show(p: Plan, hw: Hardware) -> None:
         table.add_column(col, justify="left" if col == "device" else "right")
     for d in p.devices:
         layers = str(d.layers) + (f" +{d.attn_layers} attn" if d.attn_layers else "")
-        total = ui.human_bytes(d.total_bytes)
+        total = format_bytes(d.total_bytes)
         if not d.fits:
             total = f"[red]{total}[/]"
         table.add_row(d.name, layers if d.kind != "disk" else "",
-                      ui.human_bytes(d.weights_bytes), _b(d.kv_bytes), _b(d.compute_bytes), _b(d.overhead_bytes),
-                      total, ui.human_bytes(d.capacity_bytes) if d.kind != "disk" else "",
+                      format_bytes(d.weights_bytes), _b(d.kv_bytes), _b(d.compute_bytes), _b(d.overhead_bytes),
+                      total, format_bytes(d.capacity_bytes) if d.kind != "disk" else "",
                       f"{d.bandwidth / 1e9:.1f} GB/s")
     console.print(table)
     console.print(f"context {p.n_ctx} (model limit {p.n_ctx_train}), KV {p.kv_type}, flash attention "
@@ -122,7 +123,7 @@ def show(p: Plan, hw: Hardware) -> None:
                   f"~{_tps(p.tokens_per_second)} tok/s generation, ~{_tps(p.prompt_tokens_per_second)} tok/s prompt")
     labels = ", ".join(f"{d.name}: {d.label}" for d in p.devices)
     console.print(f"[dim]{labels}[/]", markup=True, highlight=False)
-    console.print(f"[dim]hardware: {hw.source}; file {ui.human_bytes(p.file_bytes)} ({p.quant})[/]")
+    console.print(f"[dim]hardware: {hw.source}; file {format_bytes(p.file_bytes)} ({p.quant})[/]")
     for w in p.warnings:
         ui.warn(w)
     for a in p.advice:

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .ui import human_bytes
+from corral.convert.units import format_bytes
 
 
 @click.command("info")
@@ -31,7 +31,7 @@ def info(model: Path, json_: bool) -> None:
         ("architecture", summary.architecture),
         ("parameters", f"{summary.parameters / 1e9:.3f} B ({summary.parameters:,})"),
         ("file type", summary.file_type or "-"),
-        ("size", f"{human_bytes(summary.file_bytes)} ({summary.bits_per_weight:.2f} bits/weight)"),
+        ("size", f"{format_bytes(summary.file_bytes)} ({summary.bits_per_weight:.2f} bits/weight)"),
         ("files", f"{summary.split_count} ({', '.join(Path(f).name for f in summary.files)})"),
         ("context length", str(summary.context_length or "-")),
         (

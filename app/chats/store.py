@@ -22,8 +22,8 @@ from pathlib import Path
 from corral.convert.atomic import atomic_output
 from corral.convert.errors import StoreError
 
-from . import locations
-from .engine_api import GenerationStats, Message
+from corral.app import locations
+from corral.app.runtime.api import GenerationStats, Message
 
 SCHEMA_VERSION = 1
 STORE_FILENAME = "chat.sqlite3"

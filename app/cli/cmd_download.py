@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from . import ui
-from .locations import data_dir
+from corral.convert.units import format_bytes
+from corral.app.cli import ui
+from corral.app.locations import data_dir
 
 
 @click.command("download")
@@ -41,5 +42,5 @@ def download(repo_id: str, dest: Path | None, include_original: bool, token: str
         click.echo(json.dumps({"folder": str(result.folder), "files": list(result.files),
                                "bytes_total": result.bytes_total, "bytes_fetched": result.bytes_fetched}))
     else:
-        ui.note(f"{repo_id}: {len(result.files)} files, {ui.human_bytes(result.bytes_total)} in {result.folder}")
+        ui.note(f"{repo_id}: {len(result.files)} files, {format_bytes(result.bytes_total)} in {result.folder}")
         ui.note(f"next: corral convert {result.folder} -o model.gguf")

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import click
 
+from corral.convert.units import format_bytes
 from corral.convert import quant_types
 from corral.convert.errors import UsageError
 
-from . import ui
+from corral.app.cli import ui
 
 
 class _QuantizeCommand(click.Command):
@@ -71,12 +72,12 @@ def quantize(src: Path, out: Path | None, qtype: str, imatrix: Path | None, dry_
     if dry_run:
         counts = Counter(t.type_out for t in result.tensors)
         for t in result.tensors:
-            click.echo(f"{t.name:<36} {t.type_in:>7} -> {t.type_out:<7} {ui.human_bytes(t.bytes_out):>10}")
+            click.echo(f"{t.name:<36} {t.type_in:>7} -> {t.type_out:<7} {format_bytes(t.bytes_out):>10}")
         click.echo(f"types: {', '.join(f'{k} x{v}' for k, v in counts.most_common())}")
-        click.echo(f"output size: {result.output_bytes:,} bytes ({ui.human_bytes(result.output_bytes)}, "
-                   f"{result.bpw:.2f} bits/weight) from {ui.human_bytes(result.input_bytes)}")
+        click.echo(f"output size: {result.output_bytes:,} bytes ({format_bytes(result.output_bytes)}, "
+                   f"{result.bpw:.2f} bits/weight) from {format_bytes(result.input_bytes)}")
         if info.needs_imatrix and imatrix is None:
             ui.note(f"note: {info.name} needs --imatrix to actually run")
         return
-    ui.note(f"wrote {', '.join(result.output)}: {ui.human_bytes(result.output_bytes)} "
+    ui.note(f"wrote {', '.join(result.output)}: {format_bytes(result.output_bytes)} "
             f"({result.bpw:.2f} bits/weight) in {result.seconds:.1f} s")

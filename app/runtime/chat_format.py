@@ -22,8 +22,8 @@ from jinja2.exceptions import SecurityError, TemplateSyntaxError
 
 from corral.convert.errors import TemplateError
 
-from .engine_api import Message
-from .template_sandbox import GuardedEnvironment, LimitExceeded, TemplateLimits, expanded_chars
+from corral.app.runtime.api import Message
+from corral.app.runtime.template_sandbox import GuardedEnvironment, LimitExceeded, TemplateLimits, expanded_chars
 
 __all__ = [
     "BOS_TEXT", "EOT_TEXT", "LLAMA3_STOP_TEXTS", "ChatFormatter", "ChatTemplate", "TemplateLimits", "TemplateRaised",

@@ -39,16 +39,6 @@ def note(message: str) -> None:
     _stderr.print(message, soft_wrap=True)
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"  # pragma: no cover
-
-
 @contextmanager
 def _progress(description: str, columns: tuple, enabled: bool) -> Iterator[ProgressFn]:
     if not enabled:

@@ -14,9 +14,9 @@ import click
 
 from corral.convert.errors import CorralError, EngineError, UsageError
 
-from . import ui
-from .model_options import model_options, pop_model_args
-from .store import ChatStore
+from corral.app.cli import ui
+from corral.app.cli.model_options import model_options, pop_model_args
+from corral.app.chats.store import ChatStore
 
 
 def _list(store: ChatStore, as_json: bool) -> None:
@@ -37,7 +37,7 @@ def _list(store: ChatStore, as_json: bool) -> None:
 
 def _engine_factory(model: str, args: Any) -> tuple[Callable[..., Any], str, str]:
     """(factory for the app, model label, plan headline); the plan is made here so it can fail early."""
-    from .engine import load_engine, make_plan, resolve_model_path
+    from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
 
     path = resolve_model_path(model)
     plan = make_plan(path, args.engine)

@@ -12,7 +12,7 @@ import click
 
 from corral.convert.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorralError
 
-from . import ui
+from corral.app.cli import ui
 
 
 class CorralGroup(click.Group):
@@ -55,14 +55,14 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from .cmd_ask import ask
-    from .cmd_chat import chat
-    from .cmd_convert import convert
-    from .cmd_demo import demo
-    from .cmd_download import download
-    from .cmd_info import info
-    from .cmd_plan import plan
-    from .cmd_quantize import quantize
+    from corral.app.cli.cmd_ask import ask
+    from corral.app.cli.cmd_chat import chat
+    from corral.app.cli.cmd_convert import convert
+    from corral.app.cli.cmd_demo import demo
+    from corral.app.cli.cmd_download import download
+    from corral.app.cli.cmd_info import info
+    from corral.app.cli.cmd_plan import plan
+    from corral.app.cli.cmd_quantize import quantize
 
     for command in (plan, convert, quantize, download, info, ask, chat, demo):
         cli.add_command(command)

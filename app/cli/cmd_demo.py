@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
-from . import locations, ui
-from .engine_api import Message, SamplingSettings
+from corral.convert.units import format_bytes
+from corral.app import locations
+from corral.app.cli import ui
+from corral.app.runtime.api import Message, SamplingSettings
 
 DEMO_PROMPT = "In one sentence, what is a llama?"
 REAL_MODEL = "llama-3.1-405b-instruct"
@@ -43,7 +45,7 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
     from corral.convert.quantize import quantize_gguf
     from corral.offload.api import PlanOptions, plan_model
 
-    from .engine import EngineOptions, load_engine
+    from corral.app.runtime.engine import EngineOptions, load_engine
 
     spec = MiniSpec(hidden=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=768, shards=2)
     root = workdir or locations.cache_dir() / "demo"
@@ -69,7 +71,7 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
     if not bf16.exists():
         with ui.byte_progress("  convert") as progress:
             result = convert_checkpoint(ckpt, bf16, outtype="bf16", progress=progress)
-        ui.note(f"  wrote {bf16.name}: {ui.human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
+        ui.note(f"  wrote {bf16.name}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s")
     else:
         ui.note(f"  {bf16.name} already there")
 
@@ -78,7 +80,7 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
         with ui.count_progress("  quantize") as progress:
             qres = quantize_gguf(bf16, quantized, ftype=quant, progress=progress)
         ui.note(
-            f"  {ui.human_bytes(qres.input_bytes)} -> {ui.human_bytes(qres.output_bytes)} "
+            f"  {format_bytes(qres.input_bytes)} -> {format_bytes(qres.output_bytes)} "
             f"({qres.bpw:.2f} bits/weight) in {qres.seconds:.1f} s"
         )
     else:

@@ -10,8 +10,8 @@ import click
 
 from corral.convert.errors import UsageError
 
-from .engine_api import SamplingSettings
-from .engine_setup import EngineOptions
+from corral.app.runtime.api import SamplingSettings
+from corral.app.runtime.setup import EngineOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 

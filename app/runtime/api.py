@@ -1,6 +1,6 @@
 """The contract between front ends (`ask`, the TUI) and the engine that runs a model.
 
-The real engine (`corral.app.engine.LlamaEngine`, llama-cpp-python) and test fakes both
+The real engine (`corral.app.runtime.engine.LlamaEngine`, llama-cpp-python) and test fakes both
 implement `ChatEngine`; front ends depend only on this module.
 """
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.app.engine_api import Generation, GenerationStats, Message, SamplingSettings
-from corral.app.store import ChatStore
+from corral.app.runtime.api import Generation, GenerationStats, Message, SamplingSettings
+from corral.app.chats.store import ChatStore
 from corral.convert.errors import ContextOverflow, EngineError
 from corral.offload.plan import DevicePlan
 

@@ -14,9 +14,9 @@ import click
 
 from corral.convert.errors import Cancelled, ContextOverflow, UsageError
 
-from . import ui
-from .engine_api import Message
-from .model_options import ModelArgs, model_options, pop_model_args
+from corral.app.cli import ui
+from corral.app.runtime.api import Message
+from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
 
 
 def read_prompt(argument: str | None, stdin: Any) -> str:
@@ -92,7 +92,7 @@ def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, **para
 def _load(args: ModelArgs, cancel: threading.Event) -> Any:
     from corral.convert.gguf_file import read_gguf
 
-    from .engine import load_engine, make_plan, resolve_model_path
+    from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
 
     path = resolve_model_path(args.model or "")
     model_file = read_gguf(path)

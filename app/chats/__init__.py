@@ -1,0 +1,1 @@
+"""Saved conversations: the chat store."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: fake engine, tiny GGUF builders."""
