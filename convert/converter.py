@@ -4,7 +4,7 @@ Public API:
 - `convert_checkpoint(src, out, outtype=, split_max_size=, force=, progress=) -> ConvertResult`
 - `open_checkpoint(src) -> Checkpoint` (re-exported from hf_checkpoint)
 - `gguf_metadata(ckpt, outtype="auto") -> list[(key, value, GGUFValueType)]`: exactly the KV pairs written.
-- `plan_tensors(ckpt, outtype) -> list[TensorPlan]`: every output tensor (name, GGUF shape, type, bytes) in order.
+- `plan_tensors(ckpt, outtype) -> list[OutputTensor]`: every output tensor (name, GGUF shape, type, bytes) in order.
 - `iter_tensor_chunks(ckpt, plan) -> Iterator[np.ndarray | FileRange]`: one tensor's output bytes in
   row chunks of at most CHUNK_ELEMENTS values (bounded memory even for 405B embeddings).
 - `iter_gguf_tensors(ckpt, outtype) -> Iterator[GGUFTensorOut]`: whole tensors, one at a time, in
@@ -20,24 +20,26 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
-from . import llama_tensors as lt
+from . import llama_family as lf
 from .encode import encode_rows_parallel
 from .errors import InvalidConfig, InvalidSafetensors, UsageError
 from .fp8 import dequantize_rows
-from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
+from .gguf_writer import KV, GGUFStreamWriter
 from .hf_checkpoint import IGNORED_SUFFIXES, Checkpoint, open_checkpoint, sampling_kvs
 from .progress import ProgressFn
-from .safetensors_io import NUMPY_STORAGE, TensorInfo, bf16_bits_to_float32, to_float32
+from .safetensors_io import NUMPY_STORAGE, SafetensorsTensor, bf16_bits_to_float32, to_float32
+from .tensor_specs import TensorSpec
 from .vocab import vocab_kvs
 
 __all__ = [
-    "CHUNK_ELEMENTS", "Checkpoint", "ConvertResult", "FileRange", "GGUFTensorOut", "TensorPlan",
+    "CHUNK_ELEMENTS", "Checkpoint", "ConvertResult", "FileRange", "GGUFTensorOut", "OutputTensor",
     "convert_checkpoint", "gguf_metadata", "iter_gguf_tensors", "iter_tensor_chunks", "open_checkpoint",
     "plan_tensors", "resolve_ftype",
 ]  # fmt: skip
@@ -73,14 +75,14 @@ class FileRange:
 
 
 @dataclass(frozen=True)
-class TensorPlan:
-    """One output tensor: where its data comes from and how it is transformed."""
+class OutputTensor:
+    """One tensor of the converted file: where its data comes from and how it is transformed."""
 
     name: str
     shape: tuple[int, ...]  # torch order (rows first)
     ggml_type: GGMLQuantizationType
-    src: TensorInfo | None  # None: generated (rope_freqs)
-    scale: TensorInfo | None = None  # FP8 per-row scales
+    src: SafetensorsTensor | None  # None: generated (rope_freqs)
+    scale: SafetensorsTensor | None = None  # FP8 per-row scales
     permute_groups: int | None = None
     generated: Any = None  # np.ndarray for generated tensors
 
@@ -88,13 +90,14 @@ class TensorPlan:
     def shape_gguf(self) -> tuple[int, ...]:
         return tuple(reversed(self.shape))
 
-    @property
-    def nbytes(self) -> int:
-        return lt.tensor_nbytes(self.shape, self.ggml_type)
+    @cached_property
+    def spec(self) -> TensorSpec:
+        """The GGUF tensor this plan writes."""
+        return TensorSpec(self.name, self.shape_gguf, self.ggml_type)
 
     @property
-    def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.shape_gguf, self.ggml_type, self.nbytes)
+    def nbytes(self) -> int:
+        return self.spec.nbytes
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,10 @@ class GGUFTensorOut:
 def resolve_ftype(ckpt: Checkpoint, outtype: str) -> LlamaFileType:
     """--outtype -> file type; 'auto' follows the first matrix (bf16 -> BF16, f16 -> F16, else F16) like llama.cpp."""
     key = outtype.lower()
-    if key in lt.OUTTYPES:
-        return lt.OUTTYPES[key]
+    if key in lf.OUTTYPES:
+        return lf.OUTTYPES[key]
     if key != "auto":
-        raise UsageError(f"unknown outtype {outtype!r} (choose from {', '.join([*lt.OUTTYPES, 'auto'])})")
+        raise UsageError(f"unknown outtype {outtype!r} (choose from {', '.join([*lf.OUTTYPES, 'auto'])})")
     first = ckpt.first_matrix_dtype()
     if first == "BF16" or ckpt.config.fp8:
         return LlamaFileType.MOSTLY_BF16
@@ -141,23 +144,24 @@ def _ftype(ckpt: Checkpoint, outtype: str | LlamaFileType) -> LlamaFileType:
     return outtype if isinstance(outtype, LlamaFileType) else resolve_ftype(ckpt, outtype)
 
 
-def plan_tensors(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto") -> list[TensorPlan]:
+def plan_tensors(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto") -> list[OutputTensor]:
     """Validate the checkpoint's tensors against config.json and plan every output tensor, in order."""
     cfg = ckpt.config
+    hp = cfg.hparams
     ftype = _ftype(ckpt, outtype)
-    plans: list[TensorPlan] = []
-    if cfg.rope_scaling is not None:
-        factors = lt.rope_freq_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        plans.append(TensorPlan(lt.ROPE_FREQS_NAME, factors.shape, GGMLQuantizationType.F32, None, generated=factors))
+    plans: list[OutputTensor] = []
+    if hp.rope_scaling is not None:
+        factors = lf.rope_freq_factors(hp.head_dim, hp.rope_theta, hp.rope_scaling)
+        plans.append(OutputTensor(lf.ROPE_FREQS_NAME, factors.shape, GGMLQuantizationType.F32, None, generated=factors))
     seen: set[str] = set()
     for name, info in ckpt.tensors.items():
         if name.endswith(IGNORED_SUFFIXES) or name.endswith(".weight_scale"):
             continue
         where = info.file
-        new_name = lt.gguf_name(name, cfg.n_layers)
-        shape = lt.expected_shape(name, cfg)
+        new_name = lf.gguf_name(name, hp.n_layer)
+        shape = lf.expected_shape(name, hp)
         if new_name is None or shape is None:
-            raise InvalidConfig(f"unexpected tensor {name!r} for a {cfg.n_layers}-layer Llama", path=where)
+            raise InvalidConfig(f"unexpected tensor {name!r} for a {hp.n_layer}-layer Llama", path=where)
         if info.shape != shape:
             raise InvalidSafetensors(f"tensor {name!r} has shape {list(info.shape)}, config.json implies {list(shape)}", path=where)
         scale = None
@@ -171,26 +175,21 @@ def plan_tensors(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto") -> lis
                 raise InvalidSafetensors(f"{name}_scale must be a float [{shape[0]}, 1] tensor", path=scale.file)
         elif info.dtype not in ("BF16", "F16", "F32"):
             raise InvalidSafetensors(f"tensor {name!r} has dtype {info.dtype}; expected BF16, F16 or F32", path=where)
-        qtype = lt.tensor_type(new_name, shape, ftype)
-        plans.append(TensorPlan(new_name, shape, qtype, info, scale, lt.permute_heads(name, cfg)))
+        qtype = lf.tensor_type(new_name, shape, ftype)
+        plans.append(OutputTensor(new_name, shape, qtype, info, scale, lf.permute_heads(name, hp)))
         seen.add(name)
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_embeddings:
-        required.append("lm_head.weight")
-    layer_parts = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                   "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-    required += [f"model.layers.{i}.{p}.weight" for i in range(cfg.n_layers) for p in layer_parts]
+    required = lf.required_hf_tensors(hp)
     missing = [n for n in required if n not in seen]
     if missing:
         raise InvalidConfig(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}", path=ckpt.folder)
     return plans
 
 
-def _param_count(plans: list[TensorPlan]) -> int:
+def _param_count(plans: list[OutputTensor]) -> int:
     return sum(math.prod(p.shape) for p in plans)
 
 
-def _size_label(plans: list[TensorPlan]) -> str | None:
+def _size_label(plans: list[OutputTensor]) -> str | None:
     try:
         from gguf.utility import size_label
 
@@ -199,12 +198,12 @@ def _size_label(plans: list[TensorPlan]) -> str | None:
         return None
 
 
-def gguf_metadata(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto", plans: list[TensorPlan] | None = None) -> list[KV]:
+def gguf_metadata(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto", plans: list[OutputTensor] | None = None) -> list[KV]:
     """Every GGUF key/value pair of the output file, in llama.cpp's order (no split.* keys)."""
-    cfg = ckpt.config
+    hp = ckpt.config.hparams
     ftype = _ftype(ckpt, outtype)
     plans = plans if plans is not None else plan_tensors(ckpt, ftype)
-    arch = lt.ARCH_NAME
+    arch = lf.ARCH_NAME
     u32, f32, s = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
     kvs: list[KV] = [
         (Keys.General.ARCHITECTURE, arch, s),
@@ -216,29 +215,29 @@ def gguf_metadata(ckpt: Checkpoint, outtype: str | LlamaFileType = "auto", plans
     if label:
         kvs.append((Keys.General.SIZE_LABEL, label, s))
     kvs += [
-        (Keys.LLM.BLOCK_COUNT.format(arch=arch), cfg.n_layers, u32),
-        (Keys.LLM.CONTEXT_LENGTH.format(arch=arch), cfg.max_position, u32),
-        (Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), cfg.hidden_size, u32),
-        (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), cfg.ffn, u32),
-        (Keys.Attention.HEAD_COUNT.format(arch=arch), cfg.n_heads, u32),
-        (Keys.Attention.HEAD_COUNT_KV.format(arch=arch), cfg.n_kv_heads, u32),
-        (Keys.Rope.FREQ_BASE.format(arch=arch), cfg.rope_theta, f32),
-        (Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch), cfg.rms_eps, f32),
-        (Keys.Attention.KEY_LENGTH.format(arch=arch), cfg.head_dim, u32),
-        (Keys.Attention.VALUE_LENGTH.format(arch=arch), cfg.head_dim, u32),
+        (Keys.LLM.BLOCK_COUNT.format(arch=arch), hp.n_layer, u32),
+        (Keys.LLM.CONTEXT_LENGTH.format(arch=arch), hp.n_ctx_train, u32),
+        (Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), hp.n_embd, u32),
+        (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), hp.n_ff, u32),
+        (Keys.Attention.HEAD_COUNT.format(arch=arch), hp.n_head, u32),
+        (Keys.Attention.HEAD_COUNT_KV.format(arch=arch), hp.n_head_kv, u32),
+        (Keys.Rope.FREQ_BASE.format(arch=arch), hp.rope_theta, f32),
+        (Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch), hp.rms_eps, f32),
+        (Keys.Attention.KEY_LENGTH.format(arch=arch), hp.head_dim, u32),
+        (Keys.Attention.VALUE_LENGTH.format(arch=arch), hp.head_dim, u32),
         (Keys.General.FILE_TYPE, int(ftype), u32),
-        (Keys.LLM.VOCAB_SIZE.format(arch=arch), cfg.vocab_size, u32),
-        (Keys.Rope.DIMENSION_COUNT.format(arch=arch), cfg.head_dim, u32),
+        (Keys.LLM.VOCAB_SIZE.format(arch=arch), hp.n_vocab, u32),
+        (Keys.Rope.DIMENSION_COUNT.format(arch=arch), hp.head_dim, u32),
         (Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, u32),
     ]
-    kvs += vocab_kvs(ckpt.folder, cfg.vocab_size, cfg.raw)
+    kvs += vocab_kvs(ckpt.folder, hp.n_vocab, ckpt.config.raw)
     return kvs
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _read_rows(fd: int, info: TensorInfo, row0: int, row1: int) -> np.ndarray:
+def _read_rows(fd: int, info: SafetensorsTensor, row0: int, row1: int) -> np.ndarray:
     """Rows [row0, row1) of a tensor, read with pread (no mapping stays resident)."""
     row_elems = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     itemsize = NUMPY_STORAGE[info.dtype].itemsize
@@ -273,7 +272,7 @@ class _Fds:
         self._fds.clear()
 
 
-def _rows_per_chunk(plan: TensorPlan, chunk_elements: int) -> int:
+def _rows_per_chunk(plan: OutputTensor, chunk_elements: int) -> int:
     rows = plan.shape[0]
     row_elems = max(1, math.prod(plan.shape[1:]))
     group = rows // plan.permute_groups if plan.permute_groups else 1
@@ -282,7 +281,7 @@ def _rows_per_chunk(plan: TensorPlan, chunk_elements: int) -> int:
 
 
 def iter_tensor_chunks(
-    plan: TensorPlan, fds: _Fds | None = None, chunk_elements: int = CHUNK_ELEMENTS
+    plan: OutputTensor, fds: _Fds | None = None, chunk_elements: int = CHUNK_ELEMENTS
 ) -> Iterator[np.ndarray | FileRange]:
     """The output bytes of one planned tensor as row chunks (arrays) or unchanged file ranges."""
     if plan.src is None:
@@ -305,11 +304,11 @@ def iter_tensor_chunks(
                 block = _read_rows(fds.get(src.file), src, 0, src.shape[0])
             dtype = src.dtype
             if plan.permute_groups:
-                block = lt.permute_rows(block, plan.permute_groups * (row1 - row0) // rows)
+                block = lf.permute_rows(block, plan.permute_groups * (row1 - row0) // rows)
             if plan.scale is not None:
                 scale = to_float32(_read_rows(fds.get(plan.scale.file), plan.scale, row0, row1), plan.scale.dtype)
                 if plan.permute_groups:
-                    scale = lt.permute_rows(scale.reshape(row1 - row0, -1), plan.permute_groups * (row1 - row0) // rows)
+                    scale = lf.permute_rows(scale.reshape(row1 - row0, -1), plan.permute_groups * (row1 - row0) // rows)
                 block, dtype = dequantize_rows(block, scale), "F32"
             yield from encode_rows_parallel(block, dtype, plan.ggml_type)
     finally:
@@ -367,5 +366,5 @@ def convert_checkpoint(
                 writer.end_tensor()
     finally:
         fds.close()
-    name = {v: k for k, v in lt.OUTTYPES.items()}[ftype]
+    name = {v: k for k, v in lf.OUTTYPES.items()}[ftype]
     return ConvertResult(tuple(writer.paths), writer.total_bytes, len(plans), time.monotonic() - t0, name)

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .errors import UsageError
 from .ggml_q8 import quantize_q8_0
 from .safetensors_io import to_float32
 
@@ -39,7 +38,7 @@ def encode_rows(values: np.ndarray, src_dtype: str, qtype: GGMLQuantizationType)
         return bf16_round(f)
     if qtype == GGMLQuantizationType.Q8_0:
         return quantize_q8_0(f.reshape(f.shape[0], -1))
-    raise UsageError(f"cannot write {qtype.name}")
+    raise ValueError(f"the converter cannot write {qtype.name}")
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -95,6 +95,10 @@ class EngineError(CorralError, RuntimeError):
     """llama.cpp failed to load or run a model."""
 
 
+class NativeCrash(EngineError):
+    """llama.cpp's native code died of a signal in a child process; the message names it and a workaround."""
+
+
 class Cancelled(CorralError):
     """The user interrupted a long operation (Ctrl-C, SIGTERM, Escape)."""
 

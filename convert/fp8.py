@@ -56,6 +56,3 @@ def dequantize_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     values *= np.asarray(scale, dtype=np.float32).reshape(-1, 1)
     return values
 
-
-def is_fp8_weight(dtype: str) -> bool:
-    return dtype == "F8_E4M3"

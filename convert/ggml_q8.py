@@ -1,4 +1,4 @@
-"""Q8_0 quantization: ggml's own `ggml_quantize_chunk` (ctypes, from llama-cpp-python's libs), numpy fallback.
+"""Q8_0 quantization: ggml's own `ggml_quantize_chunk` (loaded by `ggml_lib`), numpy fallback.
 
 Both paths give the bytes of ggml's reference `quantize_row_q8_0_ref` (and of gguf-py's numpy port
 that llama.cpp's converter uses): per 32 values, d = amax/127 stored as F16, q = round-half-away(x/d).
@@ -6,46 +6,23 @@ that llama.cpp's converter uses): per 32 values, d = amax/127 stored as F16, q =
 
 from __future__ import annotations
 
-import ctypes
 import os
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
+
+from .ggml_lib import find_ggml
 
 QK8_0 = 32
 BLOCK_BYTES = 34
 GGML_TYPE_Q8_0 = 8
 
 
-@lru_cache(maxsize=1)
 def _ggml_quantize_chunk():  # type: ignore[no-untyped-def]
-    """ctypes handle to ggml_quantize_chunk, or None when the shared library is not found."""
+    """ggml_quantize_chunk from `ggml_lib`, or None (numpy then) when unavailable or disabled."""
     if os.environ.get("CORRAL_NO_NATIVE_Q8"):
         return None
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-        candidates = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("libggml.*"))
-        for lib in candidates:
-            try:
-                handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-                fn = handle.ggml_quantize_chunk
-            except (OSError, AttributeError):
-                continue
-            fn.restype = ctypes.c_size_t
-            fn.argtypes = [
-                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-            ]  # fmt: skip
-            return fn
-    except Exception:  # pragma: no cover - any loader trouble means: use numpy
-        return None
-    return None
+    lib = find_ggml()
+    return None if lib is None else lib.ggml_quantize_chunk
 
 
 def native_available() -> bool:

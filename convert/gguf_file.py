@@ -13,6 +13,7 @@ import mmap
 import re
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType,
 
 from .errors import InputNotFound, InvalidGGUF
 from .gguf_keys import MAX_COUNT, check_known_keys
+from .tensor_specs import TensorSpec, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -48,22 +50,11 @@ _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 
 
 @dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor's header entry. `shape` is in GGUF order (ne0, the row length, first)."""
+class GGUFTensor(TensorSpec):
+    """One tensor's header entry: a `TensorSpec` plus where its data lies (absolute `offset` in `file`)."""
 
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
-    offset: int  # absolute byte offset of the data in `file`
-    nbytes: int
+    offset: int
     file: Path
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass(frozen=True)
@@ -74,6 +65,7 @@ class GGUFHeader:
     version: int
     metadata: dict[str, Any]
     value_types: dict[str, GGUFValueType]
+    kv_bytes: dict[str, int]  # bytes each key/value pair takes in the header (key, type tag, value)
     tensors: tuple[GGUFTensor, ...]
     alignment: int
     data_offset: int
@@ -108,15 +100,6 @@ class GGUFModelFile:
     @property
     def n_parameters(self) -> int:
         return sum(t.n_elements for t in self.tensors)
-
-
-def tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
-    """Bytes of a tensor of `shape` (GGUF order) stored as `ggml_type`."""
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * type_size
 
 
 class _Cursor:
@@ -231,7 +214,9 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, GGUFValueType] = {}
+    kv_bytes: dict[str, int] = {}
     for i in range(n_kv):
+        start = cur.pos
         key = cur.string(f"key #{i}")
         if not key:
             raise cur.fail(f"key #{i} is empty")
@@ -240,6 +225,7 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
             raise cur.fail(f"duplicate key {key!r}")
         metadata[key] = cur.value(vtype, f"value of {key!r}")
         value_types[key] = GGUFValueType(vtype)
+        kv_bytes[key] = cur.pos - start
 
     alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
     if Keys.General.ALIGNMENT in metadata and value_types[Keys.General.ALIGNMENT] != GGUFValueType.UINT32:
@@ -287,7 +273,7 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
                 f"({file_bytes:,} bytes): truncated or corrupt",
                 path=path,
             )
-        tensors.append(GGUFTensor(name, shape, ggml_type, start, nbytes, path))
+        tensors.append(GGUFTensor(name, shape, ggml_type, start, path))
     ordered = sorted(tensors, key=lambda t: t.offset)
     for a, b in zip(ordered, ordered[1:]):
         if a.offset + a.nbytes > b.offset:
@@ -303,6 +289,7 @@ def _parse(buf: mmap.mmap | bytes, path: Path, file_bytes: int) -> GGUFHeader:
         version=version,
         metadata=metadata,
         value_types=value_types,
+        kv_bytes=kv_bytes,
         tensors=tuple(tensors),
         alignment=alignment,
         data_offset=data_offset,
@@ -369,6 +356,7 @@ def _read_gguf(path: Path) -> GGUFModelFile:
     declared_tensors = metadata.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     if declared_tensors is not None and int(declared_tensors) != len(tensors):
         raise InvalidGGUF(f"split.tensors.count says {declared_tensors}, shards hold {len(tensors)}", path=path)
+    check_llama_aborts(metadata, tensors, path)
     return GGUFModelFile(
         files=tuple(h.path for h in headers),
         metadata=metadata,
@@ -376,3 +364,22 @@ def _read_gguf(path: Path) -> GGUFModelFile:
         file_bytes=sum(h.file_bytes for h in headers),
         headers=tuple(headers),
     )
+
+
+LLAMA_MAX_LAYERS = 512  # llama.cpp src/llama-hparams.h
+
+
+def check_llama_aborts(metadata: dict[str, Any], tensors: Sequence[TensorSpec], path: Path) -> None:
+    """Reject what makes llama.cpp abort() (or hang) in-process instead of failing the load: a Llama block
+    count outside 1..LLAMA_MAX_LAYERS (GGML_ASSERT in llama-model.cpp load_hparams), and a norm or rope_freqs
+    tensor that is not F32 (ggml-cpu binary-ops.cpp aborts on an F32 x F16/quant MUL inside the worker
+    threads, which then hang; ggml_rope_ext asserts F32 frequency factors)."""
+    if metadata.get(Keys.General.ARCHITECTURE) != "llama":
+        return
+    blocks = metadata.get("llama.block_count")
+    if isinstance(blocks, int) and not 1 <= blocks <= LLAMA_MAX_LAYERS:
+        raise InvalidGGUF(f"llama.block_count is {blocks}; llama.cpp needs 1..{LLAMA_MAX_LAYERS}", path=path)
+    for t in tensors:
+        if len(t.shape) == 1 and t.ggml_type != GGMLQuantizationType.F32:
+            raise InvalidGGUF(f"tensor {t.name!r} is {t.ggml_type.name}; llama.cpp needs 1-D (norm and rope) "
+                              "tensors in F32 and would crash on it", path=path)

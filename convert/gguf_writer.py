@@ -2,7 +2,7 @@
 
 Lower-level API (used by the converter and by the streaming quantizer):
 
-    specs = [TensorSpec(name, shape_gguf, ggml_type, nbytes), ...]      # in output order
+    specs = [TensorSpec(name, shape_gguf, ggml_type), ...]      # tensor_specs.TensorSpec, in output order
     with GGUFStreamWriter(out, kvs, specs, split_max_size=None, force=False, progress=cb) as w:
         for spec in specs:
             w.begin_tensor(spec.name)
@@ -28,7 +28,6 @@ import struct
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,14 +36,14 @@ from gguf import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_VERSION,
-    GGMLQuantizationType,
     GGUFValueType,
     Keys,
 )
 
 from .atomic import atomic_outputs, check_free_space, check_output_path
-from .errors import CorralError, InsufficientDisk, UsageError
+from .errors import InsufficientDisk, InvalidFile, UsageError
 from .progress import ProgressFn, no_progress
+from .tensor_specs import TensorSpec
 
 KV = tuple[str, Any, GGUFValueType]
 COPY_CHUNK = 64 * 1024 * 1024
@@ -53,16 +52,6 @@ _SIMPLE = {
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's entry in the GGUF header: name, GGUF-order shape (ne0 first), type, data bytes."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
-    nbytes: int
 
 
 def pad_to(n: int, align: int = GGUF_DEFAULT_ALIGNMENT) -> int:
@@ -79,7 +68,7 @@ def _array_type(values: Sequence[Any]) -> GGUFValueType:
         return GGUFValueType.INT32
     if isinstance(first, (float, np.floating)):
         return GGUFValueType.FLOAT32
-    raise UsageError(f"unsupported GGUF array element {first!r}")
+    raise TypeError(f"unsupported GGUF array element {first!r}")
 
 
 def _pack_string(value: str | bytes) -> bytes:
@@ -102,7 +91,7 @@ def pack_value(value: Any, vtype: GGUFValueType) -> bytes:
             return head + b"".join(_pack_string(v) for v in value)
         fmt = {GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?"}[sub]
         return head + np.asarray(value, dtype=fmt).tobytes()
-    raise UsageError(f"unsupported GGUF value type {vtype!r}")
+    raise TypeError(f"unsupported GGUF value type {vtype!r}")
 
 
 def pack_kv(key: str, value: Any, vtype: GGUFValueType) -> bytes:
@@ -234,8 +223,8 @@ class GGUFStreamWriter:
         assert self._stack is not None
         if exc_type is None and (self._next != len(self._order) or self._current is not None):
             missing = self._current.name if self._current else self._order[self._next][1].name
-            err = CorralError(f"GGUF writer closed before tensor {missing!r} was written", path=self.out)
-            self._stack.__exit__(CorralError, err, None)
+            err = RuntimeError(f"GGUF writer for {self.out} closed before tensor {missing!r} was written")
+            self._stack.__exit__(RuntimeError, err, None)
             raise err
         try:
             self._stack.__exit__(exc_type, exc, tb)  # removes the temp files on error, fsyncs + renames on success
@@ -256,12 +245,12 @@ class GGUFStreamWriter:
 
     def begin_tensor(self, name: str) -> None:
         if self._current is not None:
-            raise CorralError(f"tensor {self._current.name!r} not finished before {name!r}")
+            raise RuntimeError(f"tensor {self._current.name!r} not finished before {name!r}")
         if self._next >= len(self._order):
-            raise CorralError(f"unexpected tensor {name!r}: all tensors already written")
+            raise RuntimeError(f"unexpected tensor {name!r}: all tensors already written")
         spec = self._order[self._next][1]
         if spec.name != name:
-            raise CorralError(f"tensor {name!r} written out of order (expected {spec.name!r})")
+            raise RuntimeError(f"tensor {name!r} written out of order (expected {spec.name!r})")
         self._current = spec
         self._written = 0
 
@@ -269,20 +258,20 @@ class GGUFStreamWriter:
         assert self._current is not None
         self._written += n
         if self._written > self._current.nbytes:
-            raise CorralError(f"tensor {self._current.name!r}: {self._written} bytes written, expected {self._current.nbytes}")
+            raise RuntimeError(f"tensor {self._current.name!r}: {self._written} bytes written, expected {self._current.nbytes}")
         self._done_bytes += n
         self.progress(self._done_bytes, self.data_bytes, self._current.name)
 
     def write(self, data: Any) -> None:
         """Append bytes (bytes, memoryview or numpy array, little-endian) to the current tensor."""
         if self._current is None:
-            raise CorralError("write() outside begin_tensor()/end_tensor()")
+            raise RuntimeError("write() outside begin_tensor()/end_tensor()")
         self._advance(_write_all(self._fh, data))
 
     def copy_from(self, fd: int, offset: int, length: int) -> None:
         """Append `length` bytes at `offset` of file descriptor `fd` (in-kernel copy where possible)."""
         if self._current is None:
-            raise CorralError("copy_from() outside begin_tensor()/end_tensor()")
+            raise RuntimeError("copy_from() outside begin_tensor()/end_tensor()")
         out_fd = self._fh.fileno()
         done = 0
         use_kernel = hasattr(os, "copy_file_range")
@@ -298,11 +287,11 @@ class GGUFStreamWriter:
                     use_kernel = False
                     continue
                 if n == 0:
-                    raise CorralError(f"source file ended early while copying {self._current.name!r}")
+                    raise InvalidFile(f"source file ended early while copying {self._current.name!r}")
             else:
                 buf = os.pread(fd, step, offset + done)
                 if not buf:
-                    raise CorralError(f"source file ended early while copying {self._current.name!r}")
+                    raise InvalidFile(f"source file ended early while copying {self._current.name!r}")
                 n = _write_all(self._fh, buf)
             done += n
             self._advance(n)
@@ -310,9 +299,9 @@ class GGUFStreamWriter:
     def end_tensor(self) -> None:
         spec = self._current
         if spec is None:
-            raise CorralError("end_tensor() without begin_tensor()")
+            raise RuntimeError("end_tensor() without begin_tensor()")
         if self._written != spec.nbytes:
-            raise CorralError(f"tensor {spec.name!r}: {self._written} bytes written, expected {spec.nbytes}")
+            raise RuntimeError(f"tensor {spec.name!r}: {self._written} bytes written, expected {spec.nbytes}")
         pad = pad_to(spec.nbytes) - spec.nbytes
         fh = self._fh
         if pad:

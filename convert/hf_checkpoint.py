@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,9 @@ from typing import Any
 from gguf import GGUFValueType, Keys
 
 from .errors import InputNotFound, InvalidConfig, InvalidSafetensors, UnsupportedModel
-from .safetensors_io import TensorInfo, read_header
+from .llama_family import LlamaHParams, hparams_from_hf_config, text_config
+from .safetensors_io import SafetensorsTensor, read_header
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -22,36 +21,12 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attentio
 
 
 @dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3 rope scaling parameters (rope_type llama3)."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
 class LlamaConfig:
-    """The hyperparameters corral needs from config.json, validated."""
+    """A checkpoint's config.json, validated: the hyper-parameters plus what conversion needs besides."""
 
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab_size: int
-    max_position: int
-    rms_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
-    tie_embeddings: bool
+    hparams: LlamaHParams
     fp8: bool = False
     fp8_skip_modules: tuple[str, ...] = ()
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -64,78 +39,10 @@ def _load_json(path: Path) -> Any:
         raise InvalidConfig(f"not valid JSON ({exc})", path=path) from exc
 
 
-def _int(cfg: dict[str, Any], key: str, path: Path, *, positive: bool = True) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or (positive and value <= 0):
-        raise InvalidConfig(f"{key} must be a positive integer, got {value!r}", path=path)
-    return value
-
-
-def _float(value: Any, key: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InvalidConfig(f"{key} must be a positive number, got {value!r}", path=path)
-    return float(value)
-
-
-def _opt_token_id(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def parse_config(cfg: dict[str, Any], path: Path) -> LlamaConfig:
-    """Validate a config.json document (old rope_scaling + rope_theta style or newer rope_parameters)."""
-    if not isinstance(cfg, dict):
-        raise InvalidConfig("config is not a JSON object", path=path)
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModel(
-            f"unsupported architecture {arch!r} (corral converts {', '.join(SUPPORTED_ARCHITECTURES)})", path=path
-        )
-    if "text_config" in cfg and isinstance(cfg["text_config"], dict):
-        cfg = {**cfg, **cfg["text_config"]}
-    hidden = _int(cfg, "hidden_size", path)
-    n_layers = _int(cfg, "num_hidden_layers", path)
-    n_heads = _int(cfg, "num_attention_heads", path)
-    n_kv = cfg.get("num_key_value_heads", n_heads)
-    if isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv <= 0:
-        raise InvalidConfig(f"num_key_value_heads must be a positive integer, got {n_kv!r}", path=path)
-    if n_heads % n_kv:
-        raise InvalidConfig(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}", path=path)
-    head_dim = cfg.get("head_dim")
-    if head_dim is None:
-        if hidden % n_heads:
-            raise InvalidConfig(f"hidden_size {hidden} is not a multiple of num_attention_heads {n_heads}", path=path)
-        head_dim = hidden // n_heads
-    elif isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise InvalidConfig(f"head_dim must be a positive integer, got {head_dim!r}", path=path)
-    if head_dim % 2:
-        raise InvalidConfig(f"head_dim {head_dim} must be even", path=path)
-    ffn = _int(cfg, "intermediate_size", path)
-    vocab = _int(cfg, "vocab_size", path)
-    max_pos = _int(cfg, "max_position_embeddings", path)
-    rms_eps = _float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", path)
-    params = cfg.get("rope_parameters")
-    if params is None:
-        params = cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise InvalidConfig("rope_scaling / rope_parameters must be an object", path=path)
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = params["full_attention"]
-    theta = _float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta", path)
-    rope_type = str(params.get("rope_type", params.get("type", "default")) or "default").lower()
-    scaling: RopeScaling | None = None
-    if rope_type == "llama3":
-        try:
-            scaling = RopeScaling(
-                factor=float(params.get("factor", 8.0)),
-                low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise InvalidConfig(f"bad llama3 rope scaling parameters ({exc})", path=path) from exc
-    elif rope_type != "default":
-        raise UnsupportedModel(f"unsupported rope type {rope_type!r} (corral handles default and llama3)", path=path)
+def parse_config(doc: Any, path: Path) -> LlamaConfig:
+    """Validate a config.json document: the family's hyper-parameter rules, then the quantization config."""
+    hparams = hparams_from_hf_config(doc, path)
+    cfg = text_config(doc, path)
     qcfg = cfg.get("quantization_config") or {}
     fp8 = False
     skip: tuple[str, ...] = ()
@@ -148,26 +55,7 @@ def parse_config(cfg: dict[str, Any], path: Path) -> LlamaConfig:
             )
         fp8 = True
         skip = tuple(str(m) for m in (qcfg.get("modules_to_not_convert") or []))
-    return LlamaConfig(
-        hidden_size=hidden,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        ffn=ffn,
-        vocab_size=vocab,
-        max_position=max_pos,
-        rms_eps=rms_eps,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        fp8=fp8,
-        fp8_skip_modules=skip,
-        bos_token_id=_opt_token_id(cfg.get("bos_token_id")),
-        eos_token_id=_opt_token_id(cfg.get("eos_token_id")),
-        pad_token_id=_opt_token_id(cfg.get("pad_token_id")),
-        raw=cfg,
-    )
+    return LlamaConfig(hparams=hparams, fp8=fp8, fp8_skip_modules=skip, raw=cfg)
 
 
 def load_config(folder: Path) -> LlamaConfig:
@@ -219,11 +107,7 @@ class Checkpoint:
     folder: Path
     config: LlamaConfig
     files: list[Path]
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def source_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+    tensors: dict[str, SafetensorsTensor]
 
     def first_matrix_dtype(self) -> str | None:
         """The dtype of the first 2-D tensor (what `--outtype auto` follows)."""
@@ -243,7 +127,7 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     config = load_config(folder)
     check_tokenizer_config(folder)
     files = weight_files(folder)
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, SafetensorsTensor] = {}
     for file in files:
         header = read_header(file)
         # Each file's tensors in name order, files in name order: the order llama.cpp's converter uses.

@@ -18,33 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidConfig
+from .llama_family import BOS_TEXT, EOS_TEXT, EOT_TEXT, FIRST_SPECIAL_ID, special_tokens
 
 # The pre-tokenizer split of Llama 3 (the `pat_str` of Meta's tokenizer).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-N_SPECIAL = 256
-BOS = "<|begin_of_text|>"
-EOS = "<|end_of_text|>"
-EOT = "<|eot_id|>"
-EOM = "<|eom_id|>"
-
-# Named special tokens of Llama 3.1 in id order from 128000; the rest are reserved slots.
-_NAMED_SPECIALS = (
-    BOS,
-    EOS,
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    EOM,
-    EOT,
-    "<|python_tag|>",
-)
-
 # Our own Llama 3 chat template (header / content / <|eot_id|> per turn). Checkpoints that
 # ship Meta's template use theirs; this one is used for miniature models and as the fallback.
 LLAMA3_CHAT_TEMPLATE = (
@@ -54,12 +34,6 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
-
-
-def special_tokens() -> list[str]:
-    """The 256 special tokens, in id order."""
-    reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + N_SPECIAL - len(_NAMED_SPECIALS))]
-    return list(_NAMED_SPECIALS) + reserved
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -153,14 +127,14 @@ def tokenizer_json(path: Path | None = None) -> str:
                 {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
                 {
                     "type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "single": [{"SpecialToken": {"id": BOS_TEXT, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                     "pair": [
-                        {"SpecialToken": {"id": BOS, "type_id": 0}},
+                        {"SpecialToken": {"id": BOS_TEXT, "type_id": 0}},
                         {"Sequence": {"id": "A", "type_id": 0}},
-                        {"SpecialToken": {"id": BOS, "type_id": 1}},
+                        {"SpecialToken": {"id": BOS_TEXT, "type_id": 1}},
                         {"Sequence": {"id": "B", "type_id": 1}},
                     ],
-                    "special_tokens": {BOS: {"id": BOS, "ids": [n_base], "tokens": [BOS]}},
+                    "special_tokens": {BOS_TEXT: {"id": BOS_TEXT, "ids": [n_base], "tokens": [BOS_TEXT]}},
                 },
             ],
         },
@@ -181,7 +155,7 @@ def tokenizer_json(path: Path | None = None) -> str:
     return json.dumps(doc, ensure_ascii=False)
 
 
-def tokenizer_config(*, instruct: bool, n_base: int = 128000, max_length: int = 131072) -> dict[str, Any]:
+def tokenizer_config(*, instruct: bool, n_base: int = FIRST_SPECIAL_ID, max_length: int = 131072) -> dict[str, Any]:
     """A `tokenizer_config.json` in the style of the published Llama 3.1 repositories."""
     decoder = {
         str(n_base + i): {
@@ -196,9 +170,9 @@ def tokenizer_config(*, instruct: bool, n_base: int = 128000, max_length: int = 
     }
     config: dict[str, Any] = {
         "added_tokens_decoder": decoder,
-        "bos_token": BOS,
+        "bos_token": BOS_TEXT,
         "clean_up_tokenization_spaces": True,
-        "eos_token": EOT if instruct else EOS,
+        "eos_token": EOT_TEXT if instruct else EOS_TEXT,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",

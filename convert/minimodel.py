@@ -22,6 +22,7 @@ import numpy as np
 
 from . import llama3_tokenizer as tok
 from .errors import UsageError
+from .llama_family import LlamaHParams, RopeScaling
 from .safetensors_io import float32_to_bf16_bytes, write_safetensors
 
 VOCAB_SIZE = 128256
@@ -31,13 +32,13 @@ _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 @dataclass(frozen=True)
 class MiniSpec:
-    """Shape and file layout of a miniature checkpoint."""
+    """Shape (GGUF's hyper-parameter names) and file layout of a miniature checkpoint."""
 
-    hidden: int = 256
-    n_layers: int = 2
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    ffn: int = 512
+    n_embd: int = 256
+    n_layer: int = 2
+    n_head: int = 8
+    n_head_kv: int = 2
+    n_ff: int = 512
     tie_embeddings: bool = False
     dtype: DTypeName = "bfloat16"
     shards: int = 2
@@ -45,18 +46,28 @@ class MiniSpec:
     head_dim_in_config: bool = False
     instruct: bool = True
     rope_scaling: bool = True
-    max_position: int = 131072
+    n_ctx_train: int = 131072
     rope_theta: float = 500000.0
     rms_eps: float = 1e-5
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.n_embd // self.n_head
+
+    @property
+    def hparams(self) -> LlamaHParams:
+        """The hyper-parameters the checkpoint's config.json describes."""
+        return LlamaHParams(
+            n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv, n_ff=self.n_ff,
+            n_vocab=VOCAB_SIZE, head_dim=self.head_dim, n_ctx_train=self.n_ctx_train, rope_theta=self.rope_theta,
+            rms_eps=self.rms_eps, rope_scaling=RopeScaling() if self.rope_scaling else None,
+            tie_embeddings=self.tie_embeddings,
+        )
 
     def validate(self) -> None:
-        if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise UsageError(f"bad miniature shape: {self.hidden} hidden, {self.n_heads} heads, {self.n_kv_heads} kv")
-        if (self.hidden // self.n_heads) % 2:
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise UsageError(f"bad miniature shape: {self.n_embd} n_embd, {self.n_head} heads, {self.n_head_kv} kv")
+        if (self.n_embd // self.n_head) % 2:
             raise UsageError("head_dim must be even (rotary embeddings)")
         if self.shards < 1:
             raise UsageError("shards must be >= 1")
@@ -71,15 +82,15 @@ def config_json(spec: MiniSpec) -> dict[str, object]:
         "bos_token_id": 128000,
         "eos_token_id": [128001, 128008, 128009] if spec.instruct else 128001,
         "hidden_act": "silu",
-        "hidden_size": spec.hidden,
+        "hidden_size": spec.n_embd,
         "initializer_range": 0.02,
-        "intermediate_size": spec.ffn,
-        "max_position_embeddings": spec.max_position,
+        "intermediate_size": spec.n_ff,
+        "max_position_embeddings": spec.n_ctx_train,
         "mlp_bias": False,
         "model_type": "llama",
-        "num_attention_heads": spec.n_heads,
-        "num_hidden_layers": spec.n_layers,
-        "num_key_value_heads": spec.n_kv_heads,
+        "num_attention_heads": spec.n_head,
+        "num_hidden_layers": spec.n_layer,
+        "num_key_value_heads": spec.n_head_kv,
         "pretraining_tp": 1,
         "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings,
@@ -121,22 +132,22 @@ def generation_config_json(spec: MiniSpec) -> dict[str, object]:
 
 def hf_tensor_shapes(spec: MiniSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(name, torch-order shape) of every weight of the checkpoint, in the published order."""
-    kv = spec.n_kv_heads * spec.head_dim
-    yield "model.embed_tokens.weight", (VOCAB_SIZE, spec.hidden)
-    for i in range(spec.n_layers):
+    kv = spec.n_head_kv * spec.head_dim
+    yield "model.embed_tokens.weight", (VOCAB_SIZE, spec.n_embd)
+    for i in range(spec.n_layer):
         p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", (spec.hidden,)
-        yield f"{p}.mlp.down_proj.weight", (spec.hidden, spec.ffn)
-        yield f"{p}.mlp.gate_proj.weight", (spec.ffn, spec.hidden)
-        yield f"{p}.mlp.up_proj.weight", (spec.ffn, spec.hidden)
-        yield f"{p}.post_attention_layernorm.weight", (spec.hidden,)
-        yield f"{p}.self_attn.k_proj.weight", (kv, spec.hidden)
-        yield f"{p}.self_attn.o_proj.weight", (spec.hidden, spec.hidden)
-        yield f"{p}.self_attn.q_proj.weight", (spec.hidden, spec.hidden)
-        yield f"{p}.self_attn.v_proj.weight", (kv, spec.hidden)
-    yield "model.norm.weight", (spec.hidden,)
+        yield f"{p}.input_layernorm.weight", (spec.n_embd,)
+        yield f"{p}.mlp.down_proj.weight", (spec.n_embd, spec.n_ff)
+        yield f"{p}.mlp.gate_proj.weight", (spec.n_ff, spec.n_embd)
+        yield f"{p}.mlp.up_proj.weight", (spec.n_ff, spec.n_embd)
+        yield f"{p}.post_attention_layernorm.weight", (spec.n_embd,)
+        yield f"{p}.self_attn.k_proj.weight", (kv, spec.n_embd)
+        yield f"{p}.self_attn.o_proj.weight", (spec.n_embd, spec.n_embd)
+        yield f"{p}.self_attn.q_proj.weight", (spec.n_embd, spec.n_embd)
+        yield f"{p}.self_attn.v_proj.weight", (kv, spec.n_embd)
+    yield "model.norm.weight", (spec.n_embd,)
     if not spec.tie_embeddings:
-        yield "lm_head.weight", (VOCAB_SIZE, spec.hidden)
+        yield "lm_head.weight", (VOCAB_SIZE, spec.n_embd)
 
 
 def random_weight(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -194,7 +205,7 @@ def build_checkpoint(out_dir: str | Path, spec: MiniSpec = MiniSpec(), seed: int
     (out / "config.json").write_text(json.dumps(config_json(spec), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config_json(spec), indent=2) + "\n")
     (out / "tokenizer.json").write_text(tok.tokenizer_json(), encoding="utf-8")
-    tok_config = tok.tokenizer_config(instruct=spec.instruct, max_length=spec.max_position)
+    tok_config = tok.tokenizer_config(instruct=spec.instruct, max_length=spec.n_ctx_train)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     (out / "corral-mini.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2) + "\n")
     return out

@@ -30,7 +30,6 @@ from .tensor_specs import (  # noqa: F401
     is_quantized,
     layer_of,
     llama_cpp_order,
-    llama_tensor_specs,
     n_dims,
     tensor_info_bytes,
     tensor_nbytes,

@@ -10,11 +10,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from . import quant_rules
 from .errors import UsageError
+from .llama_family import HERD, gguf_tensor_specs
+from .tensor_specs import TensorSpec, tensor_nbytes
 
 ALIASES = quant_rules.ALIASES
 
 # The reference shape used for "effective bits per weight": Llama 3.1 8B (GUIDE.md §3).
-_LLAMA_8B = dict(hidden=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256)
+_REFERENCE_MODEL = "llama-3.1-8b"
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ def _note(name: str, bpw: float, needs_imatrix: bool) -> str:
 
 
 @cache
-def _reference_tensors() -> tuple[quant_rules.TensorSpec, ...]:
-    return tuple(quant_rules.llama_tensor_specs(**_LLAMA_8B))
+def _reference_tensors() -> tuple[TensorSpec, ...]:
+    return tuple(gguf_tensor_specs(HERD[_REFERENCE_MODEL][1]))
 
 
 @cache
@@ -122,7 +124,7 @@ def effective_bpw(name: str) -> float:
     tensors = _reference_tensors()
     types = quant_rules.target_types(tensors, info.ftype, has_imatrix=info.needs_imatrix)
     n_weights = sum(math.prod(t.shape) for t in tensors)
-    n_bytes = sum(quant_rules.tensor_nbytes(t.shape, types[t.name]) for t in tensors)
+    n_bytes = sum(tensor_nbytes(t.shape, types[t.name]) for t in tensors)
     return n_bytes * 8 / n_weights
 
 

@@ -23,10 +23,10 @@ from .gguf_file import GGUFModelFile, read_gguf
 from .gguf_writer import pad_to
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
 from .progress import ProgressFn, no_progress
-from .quant_rules import TensorSpec
 
 # The runner lives in quantize_child; re-exported here, where callers have always found it.
 from .quantize_child import llama_dry_run, parse_tensor_lines, run_child  # noqa: F401
+from .tensor_specs import TensorSpec, tensor_nbytes
 
 T = GGMLQuantizationType
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
@@ -39,8 +39,8 @@ KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 
 
 @dataclass(frozen=True)
-class TensorPlan:
-    """One tensor before and after quantization."""
+class QuantizedTensor:
+    """One tensor before and after quantization (types by name, GGUF-order shape)."""
 
     name: str
     shape: tuple[int, ...]
@@ -60,7 +60,7 @@ class QuantizeResult:
     dry_run: bool
     input_bytes: int
     output_bytes: int
-    tensors: tuple[TensorPlan, ...]
+    tensors: tuple[QuantizedTensor, ...]
     imatrix: str | None = None
     requantized: bool = False
     seconds: float = 0.0
@@ -73,42 +73,6 @@ class QuantizeResult:
 
 
 # ---------------------------------------------------------------- exact output size
-
-
-def kv_entry_sizes(path: Path) -> dict[str, int]:
-    """Bytes each key/value pair takes in a GGUF file's header (key string, type, value)."""
-    import mmap
-    import struct
-
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    sizes: dict[str, int] = {}
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        n_kv = struct.unpack_from("<Q", buf, 16)[0]
-        pos = 24
-
-        def skip_value(vtype: int, pos: int) -> int:
-            if vtype in scalar:
-                return pos + scalar[vtype]
-            if vtype == 8:  # string
-                return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-            if vtype == 9:  # array
-                etype, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if etype in scalar:
-                    return pos + count * scalar[etype]
-                for _ in range(count):
-                    pos = skip_value(etype, pos)
-                return pos
-            raise UsageError(f"unknown GGUF value type {vtype}")
-
-        for _ in range(n_kv):
-            start = pos
-            klen = struct.unpack_from("<Q", buf, pos)[0]
-            key = bytes(buf[pos + 8:pos + 8 + klen]).decode("utf-8", "replace")
-            vtype = struct.unpack_from("<I", buf, pos + 8 + klen)[0]
-            pos = skip_value(vtype, pos + 12 + klen)
-            sizes[key] = pos - start
-    return sizes
 
 
 def _u32_kv_bytes(key: str) -> int:
@@ -143,7 +107,7 @@ def output_kv_bytes(model: GGUFModelFile, overrides: list[tuple[str, str | int]]
                  Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: 8 + len("split.tensors.count") + 4 + 4}
     if shard > 0:
         return header + sum(extra.values())
-    sizes = kv_entry_sizes(model.files[0])
+    sizes = dict(model.headers[0].kv_bytes)
     for key in (*_SPLIT_KEYS, Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE):
         sizes.pop(key, None)
     sizes[Keys.General.QUANTIZATION_VERSION] = _u32_kv_bytes(Keys.General.QUANTIZATION_VERSION)
@@ -154,12 +118,8 @@ def output_kv_bytes(model: GGUFModelFile, overrides: list[tuple[str, str | int]]
     return header + sum(sizes.values())
 
 
-def _specs(model: GGUFModelFile) -> list[TensorSpec]:
-    return [TensorSpec(t.name, t.shape, t.ggml_type) for t in model.tensors]
-
-
 def _hparams(model: GGUFModelFile) -> quant_rules.ModelHParams:
-    inferred = quant_rules.infer_hparams(_specs(model), model.architecture)
+    inferred = quant_rules.infer_hparams(model.tensors, model.architecture)
 
     def key(name: str, default: int) -> int:
         value = model.arch_key(name, default)
@@ -175,23 +135,22 @@ def _hparams(model: GGUFModelFile) -> quant_rules.ModelHParams:
 
 
 def plan_tensors(model: GGUFModelFile, ftype: str, *, has_imatrix: bool, keep_split: bool = False
-                 ) -> list[TensorPlan]:
+                 ) -> list[QuantizedTensor]:
     """Per-tensor target types (quant_rules) in the order llama.cpp writes them."""
-    specs = _specs(model)
+    specs: list[TensorSpec]
     if keep_split:
         index = {p: i for i, p in enumerate(model.files)}
-        specs = [TensorSpec(t.name, t.shape, t.ggml_type)
-                 for t in sorted(model.tensors, key=lambda t: (index[t.file], t.offset))]
+        specs = sorted(model.tensors, key=lambda t: (index[t.file], t.offset))
     else:
-        specs = quant_rules.llama_cpp_order(specs)
+        specs = quant_rules.llama_cpp_order(model.tensors)
     types = quant_rules.target_types(specs, ftype, has_imatrix=has_imatrix, hparams=_hparams(model),
                                      file_order=keep_split)
-    return [TensorPlan(s.name, s.shape, s.ggml_type.name, types[s.name].name,
-                       quant_rules.tensor_nbytes(s.shape, s.ggml_type), quant_rules.tensor_nbytes(s.shape, types[s.name]))
+    return [QuantizedTensor(s.name, s.shape, s.ggml_type.name, types[s.name].name, s.nbytes,
+                            tensor_nbytes(s.shape, types[s.name]))
             for s in specs]
 
 
-def predict_output_bytes(model: GGUFModelFile, plans: list[TensorPlan], overrides: list[tuple[str, str | int]],
+def predict_output_bytes(model: GGUFModelFile, plans: list[QuantizedTensor], overrides: list[tuple[str, str | int]],
                          *, keep_split: bool = False) -> list[int]:
     """Exact size of each output file llama.cpp will write."""
     if not keep_split or len(model.files) == 1:
@@ -235,14 +194,13 @@ def quantize_gguf(
     model = read_gguf(src)
     imat = load_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     keep_split = keep_split and len(model.files) > 1
-    specs = _specs(model)
     quantized_in = sorted({t.ggml_type.name for t in model.tensors if t.ggml_type not in _FLOAT_TYPES})
     plans = plan_tensors(model, info.name, has_imatrix=imat is not None, keep_split=keep_split)
     requant = any(p.type_in != p.type_out and p.type_in in quantized_in for p in plans)
     if requant and not allow_requantize:
         raise UsageError(f"input is already quantized ({', '.join(quantized_in)}); requantizing loses quality "
                          "- quantize from the BF16/F16 GGUF, or pass --allow-requantize", path=src)
-    needing = quant_rules.tensors_needing_imatrix(specs, info.ftype, hparams=_hparams(model))
+    needing = quant_rules.tensors_needing_imatrix(model.tensors, info.ftype, hparams=_hparams(model))
     if needing and imat is None and not dry_run:
         raise ImatrixRequired(
             f"{info.name} needs an importance matrix (--imatrix FILE, a .dat or .gguf imatrix for this model): "
@@ -282,19 +240,19 @@ def quantize_gguf(
     return replace(result, seconds=time.monotonic() - start, output_bytes=sum(p.stat().st_size for p in targets))
 
 
-def _apply_reported(plans: list[TensorPlan], reported: dict[str, tuple[str, str]]) -> list[TensorPlan]:
+def _apply_reported(plans: list[QuantizedTensor], reported: dict[str, tuple[str, str]]) -> list[QuantizedTensor]:
     """Prefer the types llama.cpp's own dry run reports (they agree with quant_rules when both are right)."""
     out = []
     for p in plans:
         got = reported.get(p.name)
         if got and got[1] in T.__members__ and got[1] != p.type_out:
             new = T[got[1]]
-            p = replace(p, type_out=new.name, bytes_out=quant_rules.tensor_nbytes(p.shape, new))
+            p = replace(p, type_out=new.name, bytes_out=tensor_nbytes(p.shape, new))
         out.append(p)
     return out
 
 
-def _check_imatrix_covers(imat: Imatrix, model: GGUFModelFile, plans: list[TensorPlan], ftype: str) -> None:
+def _check_imatrix_covers(imat: Imatrix, model: GGUFModelFile, plans: list[QuantizedTensor], ftype: str) -> None:
     """Fail early, with a clear message, where llama.cpp would stop half-way."""
     shapes = {t.name: t.shape for t in model.tensors}
     for p in plans:

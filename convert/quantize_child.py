@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import quant_types
 from .atomic import DISK_SLACK_BYTES
-from .errors import Cancelled, EngineError, InsufficientDisk
+from .errors import Cancelled, EngineError, InsufficientDisk, NativeCrash
 from .imatrix import load_imatrix
 from .progress import ProgressFn, no_progress
 
@@ -55,6 +56,10 @@ def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: in
             proc.kill()
             proc.wait()
         raise Cancelled("quantization interrupted; nothing was written") from None
+    if rc in (-signal.SIGINT, -signal.SIGTERM):
+        raise Cancelled("quantization interrupted; nothing was written")
+    if rc < 0:
+        raise crash_error(job, rc, lines)
     if rc != 0:
         failed = [m.group(1) for m in map(_FAILED.search, lines) if m]
         reason = failed[-1].strip() if failed else (lines[-1] if lines else f"exit status {rc}")
@@ -62,6 +67,29 @@ def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: in
             raise InsufficientDisk("disk full while writing the output", path=job.get("target") or job.get("out"))
         raise EngineError(f"llama.cpp could not quantize: {reason}")
     return lines
+
+
+def signal_name(returncode: int) -> str:
+    """'SIGSEGV' for a child's return code of -11 (subprocess's way of saying it died of a signal)."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def crash_error(job: dict[str, Any], returncode: int, lines: list[str]) -> NativeCrash:
+    """One line for a quantizer child killed by a signal: what crashed, where it was, what to try."""
+    name = signal_name(returncode)
+    where = [m.group(3) for m in map(_TENSOR_LINE.search, lines) if m]
+    doing = f"on tensor {where[-1]}" if where else "before the first tensor"
+    what = "planning (dry run)" if job.get("dry_run") else "quantizing"
+    if name == "SIGKILL":
+        hint = "the system may have run out of memory: close other programs, or use fewer --threads"
+    else:
+        hint = ("try --threads 1, another --type, or a CPU build of llama-cpp-python without native "
+                "optimizations (CMAKE_ARGS=-DGGML_NATIVE=OFF)")
+    src = Path(str(job.get("src", "?"))).name
+    return NativeCrash(f"llama.cpp's quantizer crashed ({name}) while {what} {src} {doing}; {hint}")
 
 
 def _disk_filled(job: dict[str, Any], lines: list[str]) -> bool:

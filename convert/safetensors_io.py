@@ -14,7 +14,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ NUMPY_STORAGE: dict[str, np.dtype] = {
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's entry in a safetensors header; offsets are absolute file offsets."""
+class SafetensorsTensor:
+    """One tensor's entry in a safetensors header (a source tensor, not a GGUF one); offsets are absolute."""
 
     name: str
     dtype: str
@@ -68,7 +68,7 @@ class SafetensorsHeader:
     """A validated header: tensors in file order, user metadata, data section start."""
 
     path: Path
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, SafetensorsTensor]
     metadata: dict[str, str]
     data_start: int
     file_size: int
@@ -151,13 +151,13 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
     entries.sort(key=lambda e: (e[0], e[1]))
     cursor = 0
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, SafetensorsTensor] = {}
     for begin, end, name, dtype, shape in entries:
         if begin != cursor:
             kind = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
             raise _fail(path, f"tensor {name!r} at offset {begin:,} {kind} (expected {cursor:,})")
         cursor = end
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end, path)
+        tensors[name] = SafetensorsTensor(name, dtype, shape, data_start + begin, data_start + end, path)
     if cursor != data_len:
         where = "past the end of the file" if cursor > data_len else "before the end of the file"
         raise _fail(path, f"tensor data ends at {cursor:,}, {where} (data section is {data_len:,} bytes)")
@@ -176,7 +176,7 @@ class SafetensorsFile:
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     @property
-    def tensors(self) -> dict[str, TensorInfo]:
+    def tensors(self) -> dict[str, SafetensorsTensor]:
         return self.header.tensors
 
     def fileno(self) -> int:
@@ -307,7 +307,3 @@ def write_safetensors(
         for buf in payloads:
             fh.write(buf)
 
-
-def iter_file_tensors(path: str | Path) -> Iterator[TensorInfo]:
-    """Tensors of one file in data order (validated header)."""
-    yield from read_header(path).tensors.values()

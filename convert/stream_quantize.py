@@ -3,10 +3,9 @@
 Each tensor comes from the converter's streaming API exactly as `corral convert --outtype bf16` would
 write it (renamed, q/k permuted, rounded to BF16, 1-D tensors F32), is widened to float32 the way
 llama.cpp does (`ggml_bf16_to_fp32_row`, an exact shift), gets the type llama.cpp's quantizer would
-pick (`quant_rules`) and is quantized by ggml's own `ggml_quantize_chunk` (ctypes into the ggml
-library that llama-cpp-python ships), with the same importance weights. Header, key order and
-tensor order follow `llama_model_quantize`, so the file is byte-identical to
-`convert bf16` followed by `llama_model_quantize`.
+pick (`quant_rules`) and is quantized by ggml's own `ggml_quantize_chunk` (`ggml_lib`), with the same
+importance weights. Header, key order and tensor order follow `llama_model_quantize`, so the file is
+byte-identical to `convert bf16` followed by `llama_model_quantize`.
 
 Disk: the two-step path needs the BF16 GGUF (2 bytes/weight; ~812 GB for 405B) *plus* the quantized
 output; this path needs only the output (e.g. ~150 GB for 405B at Q2_K). Memory: one source chunk
@@ -15,28 +14,34 @@ output; this path needs only the output (e.g. ~150 GB for 405B at Q2_K). Memory:
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
 from . import quant_rules, quant_types
-from .converter import FileRange, gguf_metadata, iter_tensor_chunks, open_checkpoint, plan_tensors
-from .converter import TensorPlan as ConvPlan
+from .converter import (
+    FileRange,
+    OutputTensor,
+    gguf_metadata,
+    iter_tensor_chunks,
+    open_checkpoint,
+    plan_tensors,
+)
 from .errors import EngineError, ImatrixRequired, InvalidFile
-from .gguf_writer import KV, GGUFStreamWriter, TensorSpec
+from .ggml_lib import ggml
+from .gguf_writer import KV, GGUFStreamWriter
 from .imatrix import WHERE_TO_GET, Imatrix, load_imatrix
 from .progress import ProgressFn, no_progress
 from .quantize import imatrix_kv_overrides
 from .safetensors_io import bf16_bits_to_float32
+from .tensor_specs import TensorSpec, tensor_nbytes
 
 T = GGMLQuantizationType
 _PASS_THROUGH = frozenset({T.F32, T.F16, T.BF16})
@@ -54,49 +59,23 @@ class StreamQuantizeResult:
     types: dict[str, str]
 
 
-@cache
-def _ggml() -> ctypes.CDLL:
-    """ggml's base library from the llama_cpp package (holds the quantizers)."""
-    import llama_cpp
-
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so"):
-        if (lib_dir / name).exists():
-            lib = ctypes.CDLL(str(lib_dir / name))
-            break
-    else:  # pragma: no cover - broken install
-        raise EngineError(f"ggml library not found in {lib_dir}")
-    f32p = ctypes.POINTER(ctypes.c_float)
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, f32p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, f32p]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-    lib.ggml_validate_row_data.restype = ctypes.c_bool
-    return lib
-
-
 def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType, imatrix: np.ndarray | None = None,
                   *, threads: int = 1) -> np.ndarray:
     """Quantize float32 rows (n_rows x n_per_row) with ggml_quantize_chunk; returns the bytes."""
-    lib = _ggml()
+    lib = ggml()
     rows = np.ascontiguousarray(values, dtype=np.float32)
     n_rows, n_per_row = rows.shape
-    row_bytes = quant_rules.tensor_nbytes((n_per_row,), ggml_type)
+    row_bytes = tensor_nbytes((n_per_row,), ggml_type)
     out = np.empty(n_rows * row_bytes, dtype=np.uint8)
     weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     if lib.ggml_quantize_requires_imatrix(int(ggml_type)) and weights is None:
         raise ImatrixRequired(f"{ggml_type.name} needs an importance matrix: {WHERE_TO_GET}")
-    f32p = ctypes.POINTER(ctypes.c_float)
-    w_ptr = weights.ctypes.data_as(f32p) if weights is not None else None
+    w_ptr = weights.ctypes.data if weights is not None else None
     base = rows.ctypes.data
     dst = out.ctypes.data
 
     def run(r0: int, r1: int) -> int:
-        src = ctypes.cast(base + r0 * n_per_row * 4, f32p)
+        src = base + r0 * n_per_row * 4
         return lib.ggml_quantize_chunk(int(ggml_type), src, dst + r0 * row_bytes, 0, r1 - r0, n_per_row, w_ptr)
 
     step = max(1, math.ceil(n_rows / max(1, threads)))
@@ -153,12 +132,12 @@ def convert_quantized(
     info = quant_types.file_type(ftype)
     imat = load_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     ckpt = open_checkpoint(src)
-    cfg = ckpt.config
+    llama = ckpt.config.hparams
     plans = plan_tensors(ckpt, "bf16")
     kvs = output_kvs(gguf_metadata(ckpt, "bf16", plans), info.ftype, imat)
     by_name = {p.name: p for p in plans}
-    specs = quant_rules.llama_cpp_order([quant_rules.TensorSpec(p.name, p.shape_gguf, p.ggml_type) for p in plans])
-    hp = quant_rules.ModelHParams(n_layer=cfg.n_layers, n_head=cfg.n_heads, n_head_kv=cfg.n_kv_heads)
+    specs = quant_rules.llama_cpp_order([p.spec for p in plans])
+    hp = quant_rules.ModelHParams(n_layer=llama.n_layer, n_head=llama.n_head, n_head_kv=llama.n_head_kv)
     types = quant_rules.target_types(specs, info.ftype, has_imatrix=imat is not None, hparams=hp)
     needing = [s.name for s in specs if s.ggml_type != types[s.name]
                and quant_rules.allows_quantization(s) and quant_rules.requires_imatrix(s.name, types[s.name], info.ftype)]
@@ -166,12 +145,11 @@ def convert_quantized(
         raise ImatrixRequired(f"{info.name} needs an importance matrix (--imatrix FILE, a .dat or .gguf imatrix "
                               f"for this model): {WHERE_TO_GET}")
     weights = {s.name: _imatrix_for(imat, s, types[s.name], info.ftype) for s in specs if s.ggml_type != types[s.name]}
-    out_specs = [TensorSpec(s.name, s.shape, types[s.name], quant_rules.tensor_nbytes(s.shape, types[s.name]))
-                 for s in specs]
+    out_specs = [TensorSpec(s.name, s.shape, types[s.name]) for s in specs]
     n_threads = threads if threads > 0 else (os.cpu_count() or 1)
     for t in {types[s.name] for s in specs}:
         if t not in _PASS_THROUGH:
-            _ggml().ggml_quantize_init(int(t))
+            ggml().ggml_quantize_init(int(t))
     report = progress or no_progress
     with GGUFStreamWriter(out, kvs, out_specs, force=force) as writer:
         for i, spec in enumerate(out_specs):
@@ -185,7 +163,7 @@ def convert_quantized(
                                 {s.name: s.ggml_type.name for s in out_specs})
 
 
-def _imatrix_for(imat: Imatrix | None, spec: quant_rules.TensorSpec, target: T, ftype: LlamaFileType
+def _imatrix_for(imat: Imatrix | None, spec: TensorSpec, target: T, ftype: LlamaFileType
                  ) -> np.ndarray | None:
     """The row weights llama_model_quantize would pass for this tensor (or fail as it would)."""
     if imat is None:
@@ -204,7 +182,7 @@ def _imatrix_for(imat: Imatrix | None, spec: quant_rules.TensorSpec, target: T, 
     return values
 
 
-def _tensor_bytes(plan: ConvPlan, spec: TensorSpec, weights: np.ndarray | None, threads: int) -> Iterator[np.ndarray]:
+def _tensor_bytes(plan: OutputTensor, spec: TensorSpec, weights: np.ndarray | None, threads: int) -> Iterator[np.ndarray]:
     """The output bytes of one tensor: unchanged BF16/F32 pieces, or ggml-quantized row chunks."""
     target = spec.ggml_type
     if target == plan.ggml_type:

@@ -1,18 +1,22 @@
-"""Tensor descriptions and sizes for quantization planning: specs, shapes, byte counts (pure; no llama_cpp).
+"""GGUF tensors: the one tensor description, the one byte-size rule, shapes (pure; no llama_cpp).
 
-The size rules follow ggml and GGUF (`ggml_nbytes`, `ggml_n_dims`, `gguf_write` tensor-info records,
-GGUF_DEFAULT_ALIGNMENT); the per-tensor type decision that uses them lives in `quant_rules`.
+`TensorSpec` is a GGUF tensor (name, GGUF-order shape, type); the header reader's `GGUFTensor` and the
+planner's tensors extend it with where the data lives. `tensor_nbytes` is the only place a tensor's
+byte count is computed (gguf-py's `quant_shape_to_byte_shape`). The other rules follow ggml and GGUF
+(`ggml_n_dims`, `gguf_write` tensor-info records, GGUF_DEFAULT_ALIGNMENT); the per-tensor type decision
+that uses them lives in `quant_rules`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
-
-from .errors import UsageError
+from gguf.quants import quant_shape_to_byte_shape
 
 T = GGMLQuantizationType
 
@@ -25,13 +29,37 @@ _NOT_QUANTIZED = frozenset({T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
 
+def tensor_nbytes(shape: Sequence[int], ggml_type: GGMLQuantizationType) -> int:
+    """Bytes of a tensor of this GGUF shape (ne0, the row length, first) stored as `ggml_type`.
+
+    A row that is not a whole number of `ggml_type` blocks is a caller's bug (ValueError): GGUF
+    headers are checked when read, and the type rules fall back before choosing such a type.
+    """
+    rows_last = tuple(int(d) for d in reversed(shape)) or (1,)
+    return math.prod(quant_shape_to_byte_shape(rows_last, ggml_type))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a GGUF model: name, shape in GGUF order (ne0 first) and current type."""
+    """One tensor of a GGUF model: name, shape in GGUF order (ne0 first) and type."""
 
     name: str
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
+
+    @cached_property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.ggml_type)
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @cached_property
+    def layer(self) -> int | None:
+        """Block index of 'blk.N.*' tensors, None for the others."""
+        match = _BLK.match(self.name)
+        return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -61,18 +89,6 @@ def is_quantized(ggml_type: GGMLQuantizationType) -> bool:
 
 def block_size(ggml_type: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[ggml_type][0]
-
-
-def tensor_nbytes(shape: Sequence[int], ggml_type: GGMLQuantizationType) -> int:
-    """Bytes of a tensor of this GGUF shape (ne0 first) stored as `ggml_type`."""
-    blck, type_size = GGML_QUANT_SIZES[ggml_type]
-    ne0 = int(shape[0]) if shape else 1
-    if ne0 % blck:
-        raise UsageError(f"rows of {ne0} values cannot be stored as {ggml_type.name} (block {blck})")
-    rows = 1
-    for n in shape[1:]:
-        rows *= int(n)
-    return rows * (ne0 // blck) * type_size
 
 
 def n_dims(shape: Sequence[int]) -> int:
@@ -119,40 +135,3 @@ def tensor_info_bytes(name: str, shape: Sequence[int]) -> int:
 def _pad(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
-
-def llama_tensor_specs(
-    *,
-    hidden: int,
-    n_layers: int,
-    n_heads: int,
-    n_kv_heads: int,
-    ffn: int,
-    vocab: int,
-    head_dim: int | None = None,
-    tied_embeddings: bool = False,
-    rope_freqs: bool = True,
-    dtype: GGMLQuantizationType = T.BF16,
-) -> list[TensorSpec]:
-    """The tensors of a Llama-architecture GGUF as our converter writes them (1-D tensors in F32)."""
-    hd = head_dim or hidden // n_heads
-    f32 = T.F32
-    specs = [TensorSpec("token_embd.weight", (hidden, vocab), dtype),
-             TensorSpec("output_norm.weight", (hidden,), f32)]
-    if not tied_embeddings:
-        specs.append(TensorSpec("output.weight", (hidden, vocab), dtype))
-    if rope_freqs:
-        specs.append(TensorSpec("rope_freqs.weight", (hd // 2,), f32))
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        specs += [
-            TensorSpec(p + "attn_norm.weight", (hidden,), f32),
-            TensorSpec(p + "attn_q.weight", (hidden, n_heads * hd), dtype),
-            TensorSpec(p + "attn_k.weight", (hidden, n_kv_heads * hd), dtype),
-            TensorSpec(p + "attn_v.weight", (hidden, n_kv_heads * hd), dtype),
-            TensorSpec(p + "attn_output.weight", (n_heads * hd, hidden), dtype),
-            TensorSpec(p + "ffn_norm.weight", (hidden,), f32),
-            TensorSpec(p + "ffn_gate.weight", (hidden, ffn), dtype),
-            TensorSpec(p + "ffn_up.weight", (hidden, ffn), dtype),
-            TensorSpec(p + "ffn_down.weight", (ffn, hidden), dtype),
-        ]
-    return specs

@@ -1,51 +1,27 @@
-"""The Llama 3.x herd's published shapes (from each repo's config.json), so models can be planned unseen."""
+"""The Llama 3.x herd by name (shapes from `llama_family.HERD`), so models can be planned unseen."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from corral.convert.errors import UsageError
+from corral.convert.llama_family import HERD, LlamaHParams
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The hyperparameters that decide tensor shapes, KV size and compute buffers."""
+    """A model not yet on disk: its display name and hyper-parameters."""
 
     name: str
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_vocab: int = 128256
-    head_dim: int | None = None  # None: n_embd // n_head
-    n_ctx_train: int = 131072
-    tie_embeddings: bool = False
-    rope_freqs: bool = True  # llama3 rope scaling -> rope_freqs.weight
-    rms_eps: float = 1e-5
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-
-# meta-llama/Llama-3.1-*/config.json and Llama-3.2-*/config.json (hidden, layers, heads, kv heads, ffn).
-_BASE = {
-    "llama-3.1-405b": ModelShape("Llama 3.1 405B", 16384, 126, 128, 8, 53248),
-    "llama-3.1-70b": ModelShape("Llama 3.1 70B", 8192, 80, 64, 8, 28672),
-    "llama-3.1-8b": ModelShape("Llama 3.1 8B", 4096, 32, 32, 8, 14336),
-    "llama-3.3-70b": ModelShape("Llama 3.3 70B", 8192, 80, 64, 8, 28672),
-    "llama-3.2-3b": ModelShape("Llama 3.2 3B", 3072, 28, 24, 8, 8192, tie_embeddings=True),
-    "llama-3.2-1b": ModelShape("Llama 3.2 1B", 2048, 16, 32, 8, 8192, head_dim=64, tie_embeddings=True),
-}
+    hparams: LlamaHParams
 
 
 def _build() -> dict[str, ModelShape]:
     out: dict[str, ModelShape] = {}
-    for key, shape in _BASE.items():
+    for key, (name, hparams) in HERD.items():
         if key != "llama-3.3-70b":
-            out[key] = shape
-        out[f"{key}-instruct"] = replace(shape, name=f"{shape.name} Instruct")
+            out[key] = ModelShape(name, hparams)
+        out[f"{key}-instruct"] = ModelShape(f"{name} Instruct", hparams)
     return out
 
 

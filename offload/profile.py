@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from gguf import GGMLQuantizationType, Keys, LlamaFileType
 
-from corral.convert.errors import InputNotFound, InvalidConfig, InvalidGGUF, UnsupportedModel
+from corral.convert.errors import InputNotFound, InvalidGGUF, UnsupportedModel
+from corral.convert.llama_family import ROPE_FREQS_NAME, LlamaHParams, RopeScaling, gguf_tensor_specs
+from corral.convert.tensor_specs import TensorSpec
 
 from . import catalog
 
 if TYPE_CHECKING:
     from corral.convert.quant_types import FileTypeInfo
-    from corral.convert.tensor_specs import TensorSpec
 
 T = GGMLQuantizationType
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 # Tensor names (gguf MODEL_TENSOR names for LLM_ARCH_LLAMA) grouped by what the solver moves.
 _ATTN = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "attn_norm", "attn_q_norm", "attn_k_norm")
 _FFN = ("ffn_gate", "ffn_up", "ffn_down", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
@@ -32,20 +29,11 @@ LLAMA3_METADATA_BYTES = 7_600_000
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One weight tensor. `shape` is GGUF order (ne0 = row length first); offset -1 when there is no file."""
+class TensorInfo(TensorSpec):
+    """A weight tensor as the planner sees it: offset -1 when there is no file (a predicted model)."""
 
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
-    nbytes: int
     offset: int = -1
     file_index: int = 0
-
-    @cached_property
-    def layer(self) -> int | None:
-        m = _LAYER_RE.match(self.name)
-        return int(m.group(1)) if m else None
 
     @cached_property
     def kind(self) -> str:
@@ -61,10 +49,6 @@ class TensorInfo:
         return {"token_embd": "embd", "output": "output", "output_norm": "output_norm",
                 "rope_freqs": "rope"}.get(base, "other")
 
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
 
 @dataclass(frozen=True)
 class ModelProfile:
@@ -74,22 +58,51 @@ class ModelProfile:
     source: str  # "gguf" | "hf" | "catalog"
     architecture: str
     quant: str  # file type name, e.g. Q4_K_M
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
-    n_ctx_train: int
+    hparams: LlamaHParams
     tensors: tuple[TensorInfo, ...]
     file_bytes: int
     files: tuple[Path, ...] = ()
-    tie_embeddings: bool = False
+
+    # The hyper-parameters, read through: the memory model and the solver use these names.
+    @property
+    def n_layer(self) -> int:
+        return self.hparams.n_layer
+
+    @property
+    def n_embd(self) -> int:
+        return self.hparams.n_embd
+
+    @property
+    def n_head(self) -> int:
+        return self.hparams.n_head
+
+    @property
+    def n_head_kv(self) -> int:
+        return self.hparams.n_head_kv
+
+    @property
+    def head_dim(self) -> int:
+        return self.hparams.head_dim
+
+    @property
+    def n_ff(self) -> int:
+        return self.hparams.n_ff
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hparams.n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self.hparams.n_ctx_train
 
     @property
     def n_embd_kv(self) -> int:
-        return self.n_head_kv * self.head_dim
+        return self.hparams.n_embd_kv
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.hparams.tie_embeddings
 
     @cached_property
     def tensor_bytes(self) -> int:
@@ -143,18 +156,22 @@ def profile_from_gguf(path: str | Path) -> ModelProfile:
         n_vocab = embd.shape[1] if embd is not None and len(embd.shape) > 1 else 32000
     files = tuple(model.files)
     index = {f: i for i, f in enumerate(files)}
-    tensors = tuple(TensorInfo(t.name, tuple(int(d) for d in t.shape), T(t.ggml_type), int(t.nbytes),
-                               int(t.offset), index.get(t.file, 0)) for t in model.tensors)
+    tensors = tuple(TensorInfo(t.name, t.shape, t.ggml_type, t.offset, index.get(t.file, 0)) for t in model.tensors)
+    names = {t.name for t in tensors}
+    hparams = LlamaHParams(
+        n_embd=int(n_embd), n_layer=int(n_layer), n_head=int(n_head), n_head_kv=int(n_head_kv), n_ff=int(n_ff),
+        n_vocab=int(n_vocab), head_dim=int(head_dim), n_ctx_train=int(key(Keys.LLM.CONTEXT_LENGTH, 4096)),
+        rope_theta=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
+        rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+        # the factors themselves are in the file; the planner only needs to know the tensor is there
+        rope_scaling=RopeScaling() if ROPE_FREQS_NAME in names else None,
+        tie_embeddings="output.weight" not in names,
+    )
     ftype = model.get(Keys.General.FILE_TYPE)
     quant = _ftype_name(ftype) if ftype is not None else _dominant_type(tensors)
     name = str(model.get(Keys.General.NAME) or Path(path).stem)
-    return ModelProfile(
-        name=name, source="gguf", architecture=arch, quant=quant, n_layer=int(n_layer), n_embd=int(n_embd),
-        n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim), n_ff=int(n_ff),
-        n_vocab=int(n_vocab), n_ctx_train=int(key(Keys.LLM.CONTEXT_LENGTH, 4096)), tensors=tensors,
-        file_bytes=int(model.file_bytes), files=files,
-        tie_embeddings=not any(t.name == "output.weight" for t in tensors),
-    )
+    return ModelProfile(name=name, source="gguf", architecture=arch, quant=quant, hparams=hparams, tensors=tensors,
+                        file_bytes=int(model.file_bytes), files=files)
 
 
 def _ftype_name(ftype: int) -> str:
@@ -183,10 +200,7 @@ def shape_tensor_types(shape: catalog.ModelShape, quant: str, base_type: GGMLQua
     from corral.convert import quant_rules, quant_types
 
     info = quant_types.file_type(quant)
-    specs = quant_rules.llama_tensor_specs(
-        hidden=shape.n_embd, n_layers=shape.n_layer, n_heads=shape.n_head, n_kv_heads=shape.n_head_kv,
-        ffn=shape.n_ff, vocab=shape.n_vocab, head_dim=shape.head_dim, tied_embeddings=shape.tie_embeddings,
-        rope_freqs=shape.rope_freqs, dtype=base_type)
+    specs = gguf_tensor_specs(shape.hparams, base_type)
     if info.default_type in _FLOAT_TYPES:
         types = {s.name: (s.ggml_type if len(s.shape) == 1 else info.default_type) for s in specs}
     else:
@@ -198,59 +212,26 @@ def profile_from_shape(shape: catalog.ModelShape, quant: str, *, source: str = "
                        base_type: GGMLQuantizationType = T.BF16) -> ModelProfile:
     """Profile of a model not yet quantized: llama.cpp's per-tensor type rules for `quant` on these shapes."""
     from corral.convert.gguf_writer import pad_to
-    from corral.convert.quant_rules import tensor_info_bytes, tensor_nbytes
+    from corral.convert.quant_rules import tensor_info_bytes
 
     info, specs, types = shape_tensor_types(shape, quant, base_type)
-    tensors = tuple(TensorInfo(s.name, tuple(s.shape), types[s.name], tensor_nbytes(s.shape, types[s.name]))
-                    for s in specs)
+    tensors = tuple(TensorInfo(s.name, s.shape, types[s.name]) for s in specs)
     # The file as quant_rules.predict_file_bytes sizes it (metadata + tensor infos, padded tensor data), from
     # the types above rather than running the type rules again; float files leave the header unpadded.
     header = LLAMA3_METADATA_BYTES + sum(tensor_info_bytes(s.name, s.shape) for s in specs)
     if info.default_type not in _FLOAT_TYPES:
         header = pad_to(header)
     file_bytes = header + sum(pad_to(t.nbytes) for t in tensors)
-    return ModelProfile(
-        name=shape.name, source=source, architecture="llama", quant=info.name, n_layer=shape.n_layer,
-        n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv, head_dim=shape.head_size,
-        n_ff=shape.n_ff, n_vocab=shape.n_vocab, n_ctx_train=shape.n_ctx_train, tensors=tensors,
-        file_bytes=file_bytes, tie_embeddings=shape.tie_embeddings,
-    )
+    return ModelProfile(name=shape.name, source=source, architecture="llama", quant=info.name, hparams=shape.hparams,
+                        tensors=tensors, file_bytes=file_bytes)
 
 
 def shape_from_hf(folder: str | Path) -> catalog.ModelShape:
-    """Shapes from a Hugging Face folder's config.json (Llama architecture only)."""
-    cfg_path = Path(folder) / "config.json"
-    if not cfg_path.is_file():
-        raise InvalidConfig("no config.json in this folder", path=folder)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidConfig(f"config.json is not valid JSON: {exc}", path=cfg_path) from None
-    archs = cfg.get("architectures") or []
-    if archs and "LlamaForCausalLM" not in archs:
-        raise UnsupportedModel(f"architecture {archs[0]} is not supported (Llama only)", path=cfg_path)
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        shape = catalog.ModelShape(
-            name=str(cfg.get("_name_or_path") or Path(folder).name),
-            n_embd=hidden, n_layer=int(cfg["num_hidden_layers"]), n_head=heads,
-            n_head_kv=int(cfg.get("num_key_value_heads") or heads), n_ff=int(cfg["intermediate_size"]),
-            n_vocab=int(cfg["vocab_size"]), head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
-            n_ctx_train=int(cfg.get("max_position_embeddings") or 4096),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_freqs=_rope_llama3(cfg),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidConfig(f"config.json lacks or mangles {exc}", path=cfg_path) from None
-    if min(shape.n_embd, shape.n_layer, shape.n_head, shape.n_head_kv, shape.n_ff, shape.n_vocab) <= 0:
-        raise InvalidConfig("config.json has non-positive sizes", path=cfg_path)
-    return shape
+    """Name and hyper-parameters of a Hugging Face folder, by the converter's own config.json rules."""
+    from corral.convert.hf_checkpoint import load_config
 
-
-def _rope_llama3(cfg: dict[str, Any]) -> bool:
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    return isinstance(rs, dict) and (rs.get("rope_type") or rs.get("type")) == "llama3"
+    config = load_config(Path(folder))
+    return catalog.ModelShape(str(config.raw.get("_name_or_path") or Path(folder).name), config.hparams)
 
 
 DEFAULT_QUANT = "Q4_K_M"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from corral.app.cli.main import cli
 from corral.convert import atomic, ggml_q8
-from corral.convert import llama_tensors as lt
+from corral.convert import llama_family as lt
 from corral.convert.converter import (
     convert_checkpoint,
     gguf_metadata,
@@ -29,10 +29,10 @@ from corral.convert.errors import (
     UnsupportedModel,
 )
 from corral.convert.gguf_file import read_gguf
-from corral.convert.hf_checkpoint import RopeScaling
+from corral.convert.llama_family import RopeScaling
 from corral.convert.minimodel import MiniSpec, build_checkpoint
 
-SMALL = MiniSpec(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128)
+SMALL = MiniSpec(n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,39 @@ def test_interrupted_conversion_leaves_nothing(small_ckpt: Path, tmp_path: Path,
     assert _leftovers(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
+def test_writer_misuse_is_a_bug_not_a_user_error(tmp_path: Path) -> None:
+    """The streaming writer's call-order checks raise plain RuntimeErrors (never CorralError) and leave nothing."""
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    from corral.convert.errors import CorralError
+    from corral.convert.gguf_writer import GGUFStreamWriter
+    from corral.convert.tensor_specs import TensorSpec
+
+    kvs = [("general.architecture", "llama", GGUFValueType.STRING)]
+    specs = [TensorSpec("a", (8,), GGMLQuantizationType.F32), TensorSpec("b", (4, 2), GGMLQuantizationType.F16)]
+    misuses = [
+        lambda w: w.write(b"x"),
+        lambda w: w.end_tensor(),
+        lambda w: w.begin_tensor("b"),
+        lambda w: (w.begin_tensor("a"), w.begin_tensor("b")),
+        lambda w: (w.begin_tensor("a"), w.write(bytes(33))),
+        lambda w: (w.begin_tensor("a"), w.write(bytes(31)), w.end_tensor()),
+        lambda w: None,  # closed before every tensor was written
+    ]
+    for misuse in misuses:
+        with pytest.raises(RuntimeError) as info:
+            with GGUFStreamWriter(tmp_path / "m.gguf", kvs, specs) as writer:
+                misuse(writer)
+        assert not isinstance(info.value, CorralError)
+        assert list(tmp_path.iterdir()) == []
+    with GGUFStreamWriter(tmp_path / "m.gguf", kvs, specs) as writer:
+        for spec in specs:
+            writer.begin_tensor(spec.name)
+            writer.write(bytes(spec.nbytes))
+            writer.end_tensor()
+    assert [t.nbytes for t in read_gguf(tmp_path / "m.gguf").tensors] == [32, 16]
+
+
 def test_split_names_and_keys(small_ckpt: Path, tmp_path: Path) -> None:
     result = convert_checkpoint(small_ckpt, tmp_path / "m.gguf", outtype="f32", split_max_size=20 * 10**6)
     n = len(result.paths)
@@ -221,6 +254,6 @@ def test_cli_convert(small_ckpt: Path, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["convert", str(tmp_path / "nope"), "-o", str(out), "--force"])
     assert res.exit_code == 2 and "no such checkpoint folder" in res.output
     res = runner.invoke(cli, ["convert", str(small_ckpt), "-o", str(out), "--split-max-size", "ten"])
-    assert res.exit_code == 2 and "invalid size" in res.output
+    assert res.exit_code == 2 and "not a size" in res.output
     res = runner.invoke(cli, ["convert", str(small_ckpt), "-o", str(out), "--imatrix", "x.dat"])
     assert res.exit_code == 2 and "--imatrix only applies with --quant" in res.output

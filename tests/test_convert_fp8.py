@@ -15,7 +15,7 @@ from corral.convert.gguf_file import read_gguf
 from corral.convert.minimodel import MiniSpec, build_checkpoint
 from corral.convert.safetensors_io import SafetensorsFile, to_float32, write_safetensors
 
-SPEC = MiniSpec(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, shards=1)
+SPEC = MiniSpec(n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, shards=1)
 SKIP = ("model.layers.1.mlp",)  # left in BF16, like Meta's modules_to_not_convert
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 # head_dim 16, theta 10000: rotary wavelengths 6.3 ... 19869 tokens. With the llama3 scaling's
 # original context set to 32 (below), all but the fastest frequency pairs are scaled, so a
 # 120-token prompt depends on rope_freqs being right.
-SPEC = MiniSpec(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, rope_theta=10000.0, shards=1)
+SPEC = MiniSpec(n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, rope_theta=10000.0, shards=1)
 N_TOKENS = 120
 
 

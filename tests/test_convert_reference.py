@@ -42,14 +42,14 @@ class Case:
 
 CASES = (
     # GQA 4:1, BF16, two shards, llama3 rope scaling (rope_freqs), instruct template.
-    Case("gqa4-bf16", MiniSpec(hidden=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn=256), ("bf16", "q8_0")),
+    Case("gqa4-bf16", MiniSpec(n_embd=128, n_layer=2, n_head=4, n_head_kv=1, n_ff=256), ("bf16", "q8_0")),
     # Tied embeddings (Llama 3.2 style), F16 input, MHA, rope_parameters config with head_dim,
     # FFN rows of 208 values (not a multiple of 32: Q8_0 falls back to F16 there).
-    Case("tied-f16", MiniSpec(hidden=128, n_layers=1, n_heads=2, n_kv_heads=2, ffn=208, tie_embeddings=True,
+    Case("tied-f16", MiniSpec(n_embd=128, n_layer=1, n_head=2, n_head_kv=2, n_ff=208, tie_embeddings=True,
                               dtype="float16", config_style="rope_parameters", head_dim_in_config=True, shards=1),
          ("q8_0", "auto")),
     # F32 input, GQA 2:1, head_dim 16, base model (no template), no rope scaling.
-    Case("gqa2-f32", MiniSpec(hidden=96, n_layers=2, n_heads=6, n_kv_heads=3, ffn=160, dtype="float32",
+    Case("gqa2-f32", MiniSpec(n_embd=96, n_layer=2, n_head=6, n_head_kv=3, n_ff=160, dtype="float32",
                               instruct=False, rope_scaling=False, shards=3), ("f32", "bf16")),
 )
 SPLIT_CASE, SPLIT_SIZE = "gqa4-bf16", "12M"  # llama.cpp: M = 10^6

@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from corral.convert.errors import InputNotFound, InvalidGGUF
 from corral.convert.gguf_file import read_gguf, read_header, split_paths
+from corral.convert.tensor_specs import TensorSpec, tensor_nbytes
 
 
 def _write_small(path: Path, n_tensors: int = 3) -> Path:
@@ -44,6 +45,31 @@ def test_reads_back_what_gguf_writer_wrote(tmp_path: Path) -> None:
     assert model.tensors[3].ggml_type == GGMLQuantizationType.F16 and model.tensors[3].nbytes == 128
     assert model.file_bytes == path.stat().st_size
     assert model.n_parameters == 3 * 128 + 64
+
+
+def test_kv_bytes_cover_the_key_value_section(tmp_path: Path) -> None:
+    """Each key/value pair's recorded size: together they fill the header from byte 24 to the first tensor info."""
+    path = _write_small(tmp_path / "m.gguf")
+    header = read_header(path)
+    raw = path.read_bytes()
+    first_info = raw.index(struct.pack("<Q", 2) + b"t0")  # the first tensor-info record starts with its name
+    assert set(header.kv_bytes) == set(header.metadata)
+    assert 24 + sum(header.kv_bytes.values()) == first_info
+    key = "tokenizer.chat_template"
+    assert header.kv_bytes[key] == 8 + len(key) + 4 + 8 + len("{{ messages }}")
+    tokens = "tokenizer.ggml.tokens"
+    assert header.kv_bytes[tokens] == 8 + len(tokens) + 4 + 4 + 8 + 3 * (8 + 1)
+
+
+def test_tensor_sizes_are_gguf_pys() -> None:
+    """One size rule for every tensor description: gguf-py's byte shape, GGUF-order shapes (ne0 first)."""
+    assert tensor_nbytes((4096, 14336), GGMLQuantizationType.Q4_K) == 14336 * 4096 // 256 * 144
+    assert tensor_nbytes((64,), GGMLQuantizationType.Q8_0) == 2 * 34
+    assert tensor_nbytes((7, 3), GGMLQuantizationType.F16) == 42
+    spec = TensorSpec("blk.3.ffn_up.weight", (256, 5), GGMLQuantizationType.Q6_K)
+    assert spec.nbytes == 5 * 210 and spec.n_elements == 1280 and spec.layer == 3
+    with pytest.raises(ValueError, match="not a multiple"):
+        tensor_nbytes((100, 2), GGMLQuantizationType.Q8_0)
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_quantize_helpers import write_gguf_imatrix, write_legacy_imatrix
 
 from corral.convert.errors import InputNotFound, InvalidFile
 from corral.convert.imatrix import LlamaImatrixData, load_imatrix
+from tests.helpers.quantize import write_gguf_imatrix, write_legacy_imatrix
 
 
 def _means() -> dict[str, np.ndarray]:

@@ -8,12 +8,13 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
-from test_quantize_helpers import Shape, llama_dry_run_types, llama_quantize, random_imatrix, write_mini_gguf
 
 from corral.convert import quant_rules as R
 from corral.convert import quant_types as QT
 from corral.convert.errors import UnsupportedModel, UsageError
 from corral.convert.gguf_file import read_gguf
+from corral.convert.llama_family import LlamaHParams, gguf_tensor_specs
+from tests.helpers.quantize import Shape, llama_dry_run_types, llama_quantize, random_imatrix, write_mini_gguf
 
 SHAPES = {
     # K/IQ-friendly rows, grouped-query attention (n_gqa = 4), 8 layers (use_more_bits pattern)
@@ -99,9 +100,9 @@ def test_real_output_iq_types_with_imatrix(tmp_path: Path) -> None:
 
 def _kv_bytes(path: Path) -> int:
     """Header + KV bytes of the quantized file: the input's, with file_type/quantization_version u32."""
-    from corral.convert.quantize import kv_entry_sizes
+    from corral.convert.gguf_file import read_header
 
-    sizes = kv_entry_sizes(path)
+    sizes = dict(read_header(path).kv_bytes)
     sizes.pop("general.file_type", None)
     sizes.pop("general.quantization_version", None)
     return 24 + sum(sizes.values()) + (8 + 17 + 8) + (8 + 28 + 8)
@@ -111,7 +112,7 @@ def _kv_bytes(path: Path) -> int:
 
 
 def _llama(n_layers: int, hidden: int, heads: int, kv: int, ffn: int) -> list[R.TensorSpec]:
-    return R.llama_tensor_specs(hidden=hidden, n_layers=n_layers, n_heads=heads, n_kv_heads=kv, ffn=ffn, vocab=128256)
+    return gguf_tensor_specs(LlamaHParams(n_embd=hidden, n_layer=n_layers, n_head=heads, n_head_kv=kv, n_ff=ffn))
 
 
 def test_q4_k_m_uses_more_bits_on_first_last_and_every_third_layer_8b() -> None:
@@ -170,7 +171,7 @@ def test_names_sizes_and_errors() -> None:
         R.default_tensor_type("NVFP4")
     block, size = GGML_QUANT_SIZES[T.Q4_K]
     assert R.tensor_nbytes((4096, 14336), T.Q4_K) == 14336 * 4096 // block * size
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError, match="not a multiple of Q4_K"):
         R.tensor_nbytes((100, 4), T.Q4_K)
     assert R.n_dims((4096, 1)) == 1 and R.n_dims((4096, 8, 1)) == 2
 

@@ -14,14 +14,6 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_quantize_helpers import (
-    Shape,
-    llama_quantize,
-    random_imatrix,
-    write_gguf_imatrix,
-    write_legacy_imatrix,
-    write_mini_gguf,
-)
 
 from corral.app.cli.main import cli
 from corral.convert import quant_types as QT
@@ -29,6 +21,14 @@ from corral.convert.errors import Cancelled, ImatrixRequired, UsageError
 from corral.convert.gguf_file import read_gguf
 from corral.convert.imatrix import load_imatrix
 from corral.convert.quantize import imatrix_kv_overrides, quantize_gguf
+from tests.helpers.quantize import (
+    Shape,
+    llama_quantize,
+    random_imatrix,
+    write_gguf_imatrix,
+    write_legacy_imatrix,
+    write_mini_gguf,
+)
 
 SHAPE = Shape(hidden=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=512)
 SMALL = Shape(hidden=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn=256, vocab=256)
@@ -41,6 +41,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if "corral-tmp" in p.name)
+
+
+def test_mini_gguf_is_readable(tmp_path: Path) -> None:
+    """The test builder itself: a miniature GGUF with every Llama tensor, 1-D ones F32, weights BF16."""
+    path = write_mini_gguf(tmp_path / "m.gguf", Shape(n_layers=3))
+    model = read_gguf(path)
+    assert len(model.tensors) == 4 + 3 * 9
+    assert {t.ggml_type for t in model.tensors} == {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16}
 
 
 def test_same_bytes_as_llama_model_quantize(model: Path, tmp_path: Path) -> None:
@@ -172,12 +180,14 @@ def test_split_input_keep_split(tmp_path: Path) -> None:
 
 def _split(src: Path, folder: Path, n: int) -> list[Path]:
     """Re-write a GGUF as a llama.cpp split with corral's streaming writer (split by size)."""
-    from corral.convert.gguf_writer import GGUFStreamWriter, TensorSpec
+    from corral.convert.gguf_writer import GGUFStreamWriter
+    from corral.convert.tensor_specs import TensorSpec
 
     folder.mkdir()
     reader = gguf.GGUFReader(src)
     kvs = [(f.name, f.contents(), f.types[0]) for f in reader.fields.values() if not f.name.startswith("GGUF.")]
-    specs = [TensorSpec(t.name, tuple(int(x) for x in t.shape), t.tensor_type, int(t.n_bytes)) for t in reader.tensors]
+    specs = [TensorSpec(t.name, tuple(int(x) for x in t.shape), t.tensor_type) for t in reader.tensors]
+    assert [s.nbytes for s in specs] == [int(t.n_bytes) for t in reader.tensors]  # our size rule is gguf-py's
     limit = sum(s.nbytes for s in specs) // n + 1
     with GGUFStreamWriter(folder / "m.gguf", kvs, specs, split_max_size=limit) as w:
         for t in reader.tensors:
@@ -208,11 +218,15 @@ def test_ctrl_c_on_the_cli_exits_130_and_cleans_up(tmp_path: Path) -> None:
     corral = Path(sys.executable).with_name("corral")
     proc = subprocess.Popen([str(corral), "quantize", str(src), str(out), "-t", "IQ3_XXS", "--imatrix", str(imat),
                              "--threads", "1"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60  # hang guards, not speed claims
     while time.monotonic() < deadline and not _leftovers(tmp_path):
         time.sleep(0.05)
     assert _leftovers(tmp_path), "quantization never started"
-    time.sleep(1.0)
+    (temp,) = (tmp_path / name for name in _leftovers(tmp_path))
+    first = temp.stat().st_size
+    while time.monotonic() < deadline and temp.exists() and temp.stat().st_size <= first:
+        time.sleep(0.05)  # until llama.cpp's quantizer is writing tensor data
+    assert temp.exists() and temp.stat().st_size > first, "the quantizer never wrote tensor data"
     assert proc.poll() is None, "finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 130

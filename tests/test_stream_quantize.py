@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from test_quantize_helpers import llama_quantize, write_legacy_imatrix
 
 from corral.convert import quant_types as QT
 from corral.convert.errors import ImatrixRequired
@@ -15,6 +14,7 @@ from corral.convert.gguf_file import read_gguf
 from corral.convert.imatrix import load_imatrix
 from corral.convert.quantize import imatrix_kv_overrides
 from corral.convert.stream_quantize import convert_quantized, quantize_rows
+from tests.helpers.quantize import llama_quantize, write_legacy_imatrix
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,17 @@ def test_needs_imatrix_and_writes_nothing(mini_checkpoint: Path, tmp_path: Path)
     with pytest.raises(ImatrixRequired, match="llama-imatrix"):
         convert_quantized(mini_checkpoint, out, ftype="IQ1_S")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_ggml_loader() -> None:
+    """The streaming quantizer and the converter's Q8_0 path call the same loaded ggml library."""
+    from corral.convert import ggml_lib, ggml_q8
+
+    lib = ggml_lib.ggml()
+    assert ggml_lib.find_ggml() is lib
+    assert ggml_q8._ggml_quantize_chunk() is lib.ggml_quantize_chunk
+    rows = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
+    assert np.array_equal(quantize_rows(rows, T.Q8_0).reshape(2, -1), ggml_q8.quantize_q8_0_numpy(rows))
 
 
 def test_quantize_rows_matches_row_by_row_and_threads() -> None:
