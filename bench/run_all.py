@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-BENCHES = ["bench_convert", "bench_quantize", "bench_plan", "bench_ask", "bench_chat"]
+BENCHES = ["bench_convert", "bench_quantize", "bench_plan", "bench_speed", "bench_ask", "bench_chat", "bench_latency"]
 
 
 def main() -> int:

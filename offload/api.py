@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from corral.convert.errors import UsageError
-
-from . import memory, throughput
 from corral.convert.units import format_bytes as human
+
+from . import cpu_measure, cpu_probe, memory, speculation, throughput
 from .hardware import Hardware, detect_hardware
+from .load_settings import LoadSettings, resolve_flash_attn
 from .plan import Plan
 from .profile import ModelProfile, load_profile
 from .solver import Costs, Placement, Settings, solve
 
 BASE_CTX = 4096  # the context every plan is first solved at; auto-fit then grows it while nothing degrades
 MIN_CTX = 256
-LLAMA_SPLIT_MODE_LAYER = 1
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,36 @@ class PlanOptions:
     quant: str | None = None
     n_gpu_layers: int | None = None
     flash_attn: bool | None = None
+    draft: str | None = None  # a draft model for speculative decoding, planned first (GPU first)
+    draft_acceptance: float = speculation.DEFAULT_ACCEPTANCE  # assumed, for the speed-up estimate
+    draft_max: int = 8
 
 
 def plan_model(model: str | Path, options: PlanOptions = PlanOptions(), hardware: Hardware | None = None) -> Plan:
     """Plan where every tensor of `model` goes on `hardware` (detected when None)."""
     profile, notes = load_profile(model, options.quant)
     path = profile.files[0] if profile.files else None
-    if hardware is None:
-        hardware = detect_hardware(path)
-    return plan_profile(profile, options, hardware, notes=notes, model_path=str(path) if path else None)
+    if hardware is None or hardware.source == "detected":
+        hardware = cpu_probe.check_extra_buffers(hardware or detect_hardware(path), profile)
+    draft = None
+    if options.draft is not None:  # the draft first: it runs k times per step, so it gets the GPU first
+        draft = plan_model(options.draft, PlanOptions(n_ctx=options.n_ctx or BASE_CTX, kv_type=options.kv_type,
+                                                      n_threads=options.n_threads), hardware)
+        hardware = speculation.reserve(hardware, draft)
+    plan = plan_profile(profile, options, hardware, notes=notes, model_path=str(path) if path else None)
+    plan = _with_cpu_rates(plan, profile, options, hardware, notes, path)
+    return plan if draft is None else speculation.with_draft(plan, draft, options.draft_acceptance, options.draft_max)
+
+
+def _with_cpu_rates(plan: Plan, profile: ModelProfile, options: PlanOptions, hw: Hardware, notes: list[str],
+                    path: Path | None) -> Plan:
+    """Re-estimate with llama.cpp's CPU rates measured on this machine for the plan's weight types (detected
+    hardware only; cached after the first time). Placement does not depend on the rates, only the speed."""
+    measured, warning = cpu_measure.with_measured_rates(hw, profile, plan)
+    if measured is hw and warning is None:
+        return plan
+    notes = [*notes, *([warning] if warning else [])]
+    return plan_profile(profile, options, measured, notes=notes, model_path=str(path) if path else None)
 
 
 def _validate(o: PlanOptions) -> None:
@@ -51,9 +72,7 @@ def _validate(o: PlanOptions) -> None:
         raise UsageError("--batch and --ubatch must be positive")
     if o.n_threads is not None and o.n_threads < 1:
         raise UsageError("--threads must be positive")
-    if o.kv_type != "f16" and o.flash_attn is False:
-        raise UsageError(f"a {o.kv_type} KV cache needs flash attention (llama.cpp refuses a quantized V cache "
-                         "without it)")
+    resolve_flash_attn(o.kv_type, o.flash_attn)
 
 
 def plan_profile(profile: ModelProfile, options: PlanOptions, hw: Hardware, *, notes: list[str] | None = None,
@@ -62,7 +81,7 @@ def plan_profile(profile: ModelProfile, options: PlanOptions, hw: Hardware, *, n
     _validate(options)
     warnings = list(notes or [])
     costs = Costs(profile)
-    flash = True if options.flash_attn is None else options.flash_attn
+    flash = resolve_flash_attn(options.kv_type, options.flash_attn)
     base = Settings(n_ctx=MIN_CTX, kv_type=options.kv_type.lower(), n_batch=options.n_batch,
                     n_ubatch=options.n_ubatch, flash_attn=flash, n_gpu_layers=options.n_gpu_layers)
 
@@ -132,43 +151,26 @@ def _build(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement, sp
            warnings: list[str], model_path: str | None) -> Plan:
     s = p.settings
     threads = _threads(o, hw)
-    kv_id = int(memory.kv_type(s.kv_type))
     split = tuple(float(x) for x in p.gpu_counts) if hw.gpus and p.n_gpu_layers else ()
-    overrides = ()
+    overrides: tuple[tuple[str, str], ...] = ()
     if p.attn_only_layers:
         ids = "|".join(str(i) for i in p.attn_only_layers)
         overrides = ((rf"blk\.({ids})\.ffn_(up|down|gate)\.weight", "CPU"),)
-    kwargs: dict[str, Any] = {
-        "n_ctx": s.n_ctx, "n_gpu_layers": p.n_gpu_layers, "n_batch": s.n_batch, "n_ubatch": s.n_ubatch,
-        "n_threads": threads, "n_threads_batch": max(threads, hw.cpu_threads if o.n_threads is None else threads),
-        "type_k": kv_id, "type_v": kv_id, "flash_attn": s.flash_attn, "use_mmap": True, "use_mlock": False,
-    }
-    if split:
-        kwargs.update(tensor_split=list(split), main_gpu=0, split_mode=LLAMA_SPLIT_MODE_LAYER)
-    cli = [*(["-m", model_path] if model_path else []), "-c", str(s.n_ctx), "-ngl", str(p.n_gpu_layers),
-           "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(threads),
-           "-tb", str(kwargs["n_threads_batch"]), "-fa", "on" if s.flash_attn else "off"]
-    if s.kv_type != "f16":
-        cli += ["-ctk", s.kv_type, "-ctv", s.kv_type]
-    if split:
-        cli += ["-sm", "layer", "-mg", "0", "-ts", ",".join(str(int(x)) for x in split)]
-    for regex, dev in overrides:
-        cli += ["-ot", f"{regex}={dev}"]
-    use_extra = p.settings.repack
-    if not use_extra:
-        cli.append("--no-repack")
+    load = LoadSettings(
+        n_ctx=s.n_ctx, n_gpu_layers=p.n_gpu_layers, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
+        n_threads_batch=max(threads, hw.cpu_threads if o.n_threads is None else threads), kv_type=s.kv_type,
+        flash_attn=s.flash_attn, use_extra_bufts=s.repack, tensor_split=split, split_mode="layer",
+        tensor_overrides=overrides)
     warnings += _warnings(profile, hw, p, speed)
     advice = _advice(profile, hw, o, p, speed)
     return Plan(
         model=profile.name, model_path=model_path, source=profile.source, quant=profile.quant,
-        file_bytes=profile.file_bytes, n_params=profile.n_params, fits=p.fits, why=p.why, n_ctx=s.n_ctx,
-        n_ctx_train=profile.n_ctx_train, n_gpu_layers=p.n_gpu_layers, n_layers=profile.n_layer + 1,
-        kv_type=s.kv_type, flash_attn=s.flash_attn, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
-        use_extra_bufts=use_extra, tensor_split=split, tensor_overrides=overrides, llama_kwargs=kwargs,
-        llama_cli_args=cli, tokens_per_second=speed.tokens_per_second,
-        prompt_tokens_per_second=speed.prompt_tokens_per_second, disk_stream_bytes=p.disk_stream_bytes,
-        devices=p.devices, warnings=tuple(dict.fromkeys(warnings)), advice=tuple(advice),
-        headline=_headline(profile, p, speed), hardware_source=hw.source, time_per_token=speed.seconds_by_tier,
+        file_bytes=profile.file_bytes, n_params=profile.n_params, fits=p.fits, why=p.why,
+        n_ctx_train=profile.n_ctx_train, n_layers=profile.n_layer + 1, load=load,
+        tokens_per_second=speed.tokens_per_second, prompt_tokens_per_second=speed.prompt_tokens_per_second,
+        disk_stream_bytes=p.disk_stream_bytes, devices=p.devices, warnings=tuple(dict.fromkeys(warnings)),
+        advice=tuple(advice), headline=_headline(profile, p, speed), hardware_source=hw.source,
+        time_per_token=speed.seconds_by_tier,
     )
 
 
@@ -201,6 +203,9 @@ def _warnings(profile: ModelProfile, hw: Hardware, p: Placement, speed: throughp
         out.append(f"does not fit: {p.why}")
     if profile.n_ctx_train and p.settings.n_ctx < min(profile.n_ctx_train, BASE_CTX):
         out.append(f"context is only {p.settings.n_ctx} tokens")
+    if p.extra_bufts_off:
+        out.append(f"llama.cpp's {' and '.join(p.extra_bufts_off)} CPU buffer crashed a test run on this machine: "
+                   "loading without extra buffers (slower CPU matmuls; `corral info --hardware` shows why)")
     if not hw.bandwidth_measured and hw.source == "detected":
         out.append("bandwidths are typical values, not measured on this machine")
     return out
@@ -253,9 +258,7 @@ def best_quant(model: str | Path, options: PlanOptions = PlanOptions(),
     from .profile import profile_from_shape
 
     profile, _ = load_profile(model, options.quant or "Q4_K_M")
-    shape = ModelShape(profile.name, profile.n_embd, profile.n_layer, profile.n_head, profile.n_head_kv,
-                       profile.n_ff, profile.n_vocab, profile.head_dim, profile.n_ctx_train,
-                       profile.tie_embeddings, any(t.kind == "rope" for t in profile.tensors))
+    shape = ModelShape(profile.name, profile.hparams)
     if hardware is None:
         hardware = detect_hardware(profile.files[0] if profile.files else None)
     rows = []

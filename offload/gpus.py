@@ -9,7 +9,6 @@ from corral.convert.errors import UsageError
 from corral.convert.units import GiB, format_bytes, is_size, parse_rate, parse_size
 
 
-
 @dataclass(frozen=True)
 class KnownGPU:
     """A card's published memory size and peak memory bandwidth."""

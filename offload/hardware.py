@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from corral.convert.errors import InputNotFound, InvalidFile, UsageError
-
 from corral.convert.units import GiB
 
+from .cpu_rates import CpuRates, rates_from_json
 from .gpus import GPUSpec, find_gpu
 
 # Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
@@ -53,19 +53,18 @@ class Hardware:
     disk_bandwidth: float = DEFAULT_DISK_BANDWIDTH
     bandwidth_measured: bool = False
     source: str = "detected"
-
-    @property
-    def has_avx2(self) -> bool:
-        return "avx2" in self.cpu_flags
-
-    @property
-    def has_avx512(self) -> bool:
-        return "avx512f" in self.cpu_flags
+    broken_cpu_buffers: frozenset[str] = frozenset()  # CPU extra buffers (AMX, CPU_REPACK) that crashed a probe
+    absent_cpu_buffers: frozenset[str] = frozenset()  # ... that this llama.cpp build does not create here
+    cpu_rates: CpuRates | None = None  # llama.cpp's CPU decode rates (None: typical values)
+    measure_cpu: bool = False  # detected with measuring on: plan_model may time the CPU kernels it needs
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["cpu_flags"] = sorted(self.cpu_flags)
+        data["broken_cpu_buffers"], data["absent_cpu_buffers"] = sorted(self.broken_cpu_buffers), sorted(
+            self.absent_cpu_buffers)
         data["gpus"] = [asdict(g) for g in self.gpus]
+        data["cpu_rates"] = self.cpu_rates.to_json() if self.cpu_rates else None
         return data
 
 
@@ -87,6 +86,11 @@ def hardware_from_json(data: dict[str, Any]) -> Hardware:
         gpus.append(GPU(**{k: g[k] for k in g if k in GPU.__dataclass_fields__}))
     values["gpus"] = tuple(gpus)
     values["cpu_flags"] = frozenset(values.get("cpu_flags", ()))
+    for key in ("broken_cpu_buffers", "absent_cpu_buffers"):  # CPU extra buffer verdicts (offload.cpu_probe)
+        values[key] = frozenset(values.get(key, ()))
+    if values.get("cpu_rates") is not None:
+        values["cpu_rates"] = rates_from_json(values["cpu_rates"])
+    values["measure_cpu"] = False  # a described machine is never timed
     try:
         return Hardware(**values)
     except TypeError as exc:
@@ -191,7 +195,8 @@ def cache_dir() -> Path:
 
 def detect_hardware(model_path: str | Path | None = None, *, measure: bool = True,
                     cache: Path | None = None) -> Hardware:
-    """Probe this machine; bandwidths come from the cache, measured once (~1-2 s) when `measure`."""
+    """Probe this machine; bandwidths come from the cache, measured once (~1-2 s) when `measure`, which also
+    lets plan_model time llama.cpp's CPU kernels for the weight types it needs (cpu_measure, cached)."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -217,6 +222,7 @@ def detect_hardware(model_path: str | Path | None = None, *, measure: bool = Tru
         disk_bandwidth=bw.get("disk", DEFAULT_DISK_BANDWIDTH),
         bandwidth_measured="ram" in bw,
         source="detected",
+        measure_cpu=measure,
     )
 
 
@@ -294,20 +300,23 @@ def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = No
 
 
 def measure_ram_bandwidth(nbytes: int = 256 * 1024**2, seconds: float = 0.4) -> float:
-    """Read bandwidth of a large array sum (numpy, one thread): a floor for what decode threads reach."""
+    """Read bandwidth of a large array summed by every CPU at once (numpy releases the GIL; one slice each):
+    what decode threads can stream. One core alone reaches only part of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
-    a = np.ones(nbytes // 8, dtype=np.float64)
-    a.sum()  # fault the pages in
+    parts = np.array_split(np.ones(nbytes // 8, dtype=np.float64), os.cpu_count() or 1)
     best = 0.0
-    deadline = time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        a.sum()
-        dt = time.perf_counter() - t0
-        best = max(best, nbytes / dt)
-        if time.perf_counter() > deadline:
-            break
+    with ThreadPoolExecutor(len(parts)) as pool:
+        list(pool.map(np.sum, parts))  # fault the pages in
+        deadline = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, nbytes / (time.perf_counter() - t0))
+            if time.perf_counter() > deadline:
+                break
     return best
 
 

@@ -9,25 +9,30 @@ Facts from llama.cpp (llama-cpp-python 0.3.36's vendor tree):
 - ggml-cpu/repack.cpp: on AVX2 CPUs, Q4_0, Q4_K, IQ4_NL and MXFP4 matrices (rows a multiple of 8) are copied
   into a CPU_REPACK buffer (AVX512 adds Q2_K); llama-model.cpp puts the CUDA host buffer type ahead of the
   repack type when a GPU is present, and with mmap that becomes plain mapped memory: no repack then.
+- ggml-cpu/amx: on CPUs with AMX-INT8 (and a build with __AMX_INT8__ + __AVX512VNNI__) an `AMX` buffer comes
+  first in the CPU extra buffer list (ggml-cpu.cpp ggml_backend_cpu_get_extra_buffer_types: AMX, then
+  CPU_REPACK); llama-model-loader.cpp select_weight_buft gives each weight the first buffer whose supports_op
+  accepts its MUL_MAT, so AMX wins for a type both take. Rules and sizes: see amx_nbytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from corral.convert.errors import UsageError
-from corral.convert.gguf_file import tensor_nbytes
-
+from corral.convert.tensor_specs import tensor_nbytes
 from corral.convert.units import MiB
+
 from .profile import ModelProfile, TensorInfo
 
 T = GGMLQuantizationType
 
 CTX_PAD = 256
-KV_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "bf16": T.BF16,
-                                             "f32": T.F32}
+# The KV cache types llama.cpp accepts (common/arg.cpp kv_cache_types), by ggml's lower-case name; f16 first.
+KV_TYPES: dict[str, GGMLQuantizationType] = {
+    t.name.lower(): t for t in (T.F16, T.F32, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)}
 TENSOR_ALIGNMENT = 32  # ggml CPU buffers align each tensor to 32 bytes
 
 # CUDA context, cuBLAS workspace and the CUDA kernels' own pools per GPU: several hundred MiB (observed
@@ -48,10 +53,16 @@ def ram_margin(capacity: int) -> int:
 
 
 def kv_type(name: str) -> GGMLQuantizationType:
+    """The GGML type of a KV cache type name (any case); UsageError names the choices."""
     try:
         return KV_TYPES[name.lower()]
     except KeyError:
-        raise UsageError(f"unknown KV cache type {name!r}: choose f16, q8_0 or q4_0") from None
+        raise UsageError(f"unknown KV cache type {name!r}: choose from {', '.join(KV_TYPES)}") from None
+
+
+def kv_is_quantized(name: str) -> bool:
+    """Block-quantized (q8_0, q4_0, ...) rather than a float type (f16, bf16, f32)."""
+    return GGML_QUANT_SIZES[kv_type(name)][0] > 1
 
 
 def pad_ctx(n_ctx: int) -> int:
@@ -139,15 +150,100 @@ def is_repacked(t: TensorInfo, types: frozenset[GGMLQuantizationType]) -> bool:
             and t.shape[1] % 8 == 0)
 
 
-def cpu_buffers(cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str], has_gpu: bool) -> dict[str, int]:
+# amx/common.h qtype_has_amx_kernels: the types AMX repacks into its own layout.
+AMX_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS})
+# amx/amx.cpp extra_buffer_type::supports_op: the row length (ne0) must be a multiple of this per type; F16 is
+# accepted too (copied, not repacked); every other type stays out of the AMX buffer.
+_AMX_K_ALIGN = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256, T.IQ4_XS: 256,
+                T.F16: 16}
+# amx/amx.cpp supports_op: the number of rows (the MUL_MAT result's ne0 = the weight's ne1) must be a multiple
+# of TILE_N * 2 (amx/common.h: TILE_N = 16).
+AMX_ROWS_ALIGN = 32
+# amx/mmq.cpp get_row_size: bytes added per quant block of a row (Q8_0: int32 compensation; Q4_K/Q5_K: unpacked
+# scales and mins; IQ4_XS: unpacked scales); other AMX types keep their block size.
+_AMX_BLOCK_EXTRA = {T.Q8_0: 4, T.Q4_K: 4, T.Q5_K: 4, T.IQ4_XS: 2}
+
+
+def has_amx(cpu_flags: Iterable[str]) -> bool:
+    """Whether llama.cpp (a native build) has its AMX buffer on this CPU: AMX-INT8 and AVX512-VNNI in the flags
+    (amx.cpp is compiled only under __AMX_INT8__ && __AVX512VNNI__). llama.cpp also asks the kernel for tile-data
+    permission (arch_prctl ARCH_REQ_XCOMP_PERM) and drops the buffer when refused: the probe sees that."""
+    flags = frozenset(cpu_flags)
+    return "amx_int8" in flags and "avx512_vnni" in flags
+
+
+def amx_types(cpu_flags: Iterable[str], has_gpu: bool) -> frozenset[GGMLQuantizationType]:
+    """The weight types llama.cpp puts in its AMX buffer (none with a GPU: the CUDA host buffer comes first)."""
+    if has_gpu or not has_amx(cpu_flags):
+        return frozenset()
+    return frozenset(_AMX_K_ALIGN)
+
+
+def amx_nbytes(t: TensorInfo, types: frozenset[GGMLQuantizationType]) -> int | None:
+    """Bytes the tensor takes in the AMX buffer (amx/mmq.cpp ggml_backend_amx_get_alloc_size: rows x
+    get_row_size for the repacked types, ggml_nbytes for F16), or None when AMX does not take it."""
+    if t.ggml_type not in types or t.kind not in ("attn", "ffn", "output") or len(t.shape) != 2:
+        return None
+    k, n = t.shape
+    if k % _AMX_K_ALIGN[t.ggml_type] or n % AMX_ROWS_ALIGN:
+        return None
+    if t.ggml_type not in AMX_TYPES:
+        return t.nbytes
+    block, type_size = GGML_QUANT_SIZES[t.ggml_type]
+    blocks = k // block
+    return n * blocks * (type_size + _AMX_BLOCK_EXTRA.get(t.ggml_type, 0))
+
+
+def cpu_buffer_of(t: TensorInfo, amx: frozenset[GGMLQuantizationType],
+                  repack: frozenset[GGMLQuantizationType]) -> tuple[str, int]:
+    """(buffer, bytes) llama.cpp gives one CPU weight: AMX first, then CPU_REPACK, else CPU_Mapped (the file)."""
+    nbytes = amx_nbytes(t, amx)
+    if nbytes is not None:
+        return "AMX", _pad(nbytes, TENSOR_ALIGNMENT)
+    if is_repacked(t, repack):
+        return "CPU_REPACK", _pad(t.nbytes, TENSOR_ALIGNMENT)
+    return "CPU_Mapped", t.nbytes
+
+
+def _extra_types(flags: frozenset[str], has_gpu: bool, absent: frozenset[str]
+                 ) -> tuple[frozenset[GGMLQuantizationType], frozenset[GGMLQuantizationType]]:
+    """(AMX types, CPU_REPACK types), leaving out buffers a probe found llama.cpp does not create here."""
+    amx = frozenset() if "AMX" in absent else amx_types(flags, has_gpu)
+    repack = frozenset() if "CPU_REPACK" in absent else repack_types(flags, has_gpu)
+    return amx, repack
+
+
+def extra_buffers_used(cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str], has_gpu: bool,
+                       absent: frozenset[str] = frozenset()) -> set[str]:
+    """The CPU extra buffer types (AMX, CPU_REPACK) llama.cpp would put any of these weights in."""
+    amx, repack = _extra_types(frozenset(cpu_flags), has_gpu, absent)
+    return {b for b in (cpu_buffer_of(t, amx, repack)[0] for t in cpu_tensors) if b != "CPU_Mapped"}
+
+
+def tied_output(embd: TensorInfo) -> TensorInfo:
+    """The output matrix llama.cpp loads again from token_embd when embeddings are tied (a MUL_MAT weight,
+    so it may land in an extra buffer; mapped, it shares token_embd's file range)."""
+    return TensorInfo(name="output.weight", shape=embd.shape, ggml_type=embd.ggml_type)
+
+
+def cpu_buffers(cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str], has_gpu: bool,
+                duplicates: Iterable[TensorInfo] = (), absent: frozenset[str] = frozenset()) -> dict[str, int]:
     """llama.cpp's own accounting of CPU weight buffers: CPU_Mapped is the file range spanning the mapped
-    tensors of each file (gaps included), CPU_REPACK the repacked copies; also the bytes really used."""
-    types = repack_types(cpu_flags, has_gpu)
+    tensors of each file (gaps included), CPU_REPACK and AMX the repacked copies; also the bytes really used.
+    `duplicates` (a tied output) count only where they land in an extra buffer; `absent` names extra buffers
+    llama.cpp does not create on this machine (a probe saw it: a build without AMX, tile data refused)."""
+    amx, types = _extra_types(frozenset(cpu_flags), has_gpu, absent)
     ranges: dict[int, list[int]] = {}
-    mapped = repack = 0
+    mapped = 0
+    extra = {"CPU_REPACK": 0, "AMX": 0}
+    for t in duplicates:
+        where, nbytes = cpu_buffer_of(t, amx, types)
+        if where != "CPU_Mapped":
+            extra[where] += nbytes
     for t in cpu_tensors:
-        if is_repacked(t, types):
-            repack += _pad(t.nbytes, TENSOR_ALIGNMENT)
+        where, nbytes = cpu_buffer_of(t, amx, types)
+        if where != "CPU_Mapped":
+            extra[where] += nbytes
             continue
         mapped += t.nbytes
         if t.offset >= 0:
@@ -155,4 +251,4 @@ def cpu_buffers(cpu_tensors: Iterable[TensorInfo], cpu_flags: Iterable[str], has
             lo_hi[0] = min(lo_hi[0], t.offset)
             lo_hi[1] = max(lo_hi[1], t.offset + t.nbytes)
     mapped_range = sum(hi - lo for lo, hi in ranges.values()) if ranges else mapped
-    return {"CPU_Mapped": mapped_range, "CPU_REPACK": repack, "mapped_used": mapped}
+    return {"CPU_Mapped": mapped_range, **extra, "mapped_used": mapped}

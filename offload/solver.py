@@ -3,11 +3,12 @@ FFN in RAM (tensor overrides), the rest in RAM behind mmap, and whatever RAM can
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
-from . import memory
 from corral.convert.units import format_bytes as human
+
+from . import memory
 from .hardware import Hardware
 from .plan import DevicePlan
 from .profile import ModelProfile, TensorInfo
@@ -77,6 +78,7 @@ class Placement:
     kv_layer_bytes: int
     fits: bool
     why: str
+    extra_bufts_off: tuple[str, ...] = ()  # extra buffers this plan would use that the probe found broken
 
     @property
     def n_gpu_layers(self) -> int:
@@ -254,9 +256,16 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
                                   gpu.bandwidth, gpu_layers[g], gpu_attn[g]))
         gpu_read.append(w)
 
-    # CPU: repacked copies and everything else anonymous must be resident; mapped weights may stream.
-    repack_allowed = s.repack and not has_gpu
-    bufs = memory.cpu_buffers(cpu_tensors, hw.cpu_flags if repack_allowed else (), has_gpu)
+    # CPU: extra-buffer copies (CPU_REPACK, AMX) and everything else anonymous must be resident; mapped weights
+    # may stream. An extra buffer the probe found broken on this machine turns them all off (one switch).
+    dups = [memory.tied_output(t) for t in cpu_tensors if t.kind == "embd"] if (
+        profile.tie_embeddings and not output_on_gpu) else []
+    absent = hw.absent_cpu_buffers
+    off = tuple(sorted(set(hw.broken_cpu_buffers) & memory.extra_buffers_used([*cpu_tensors, *dups],
+                                                                                hw.cpu_flags, has_gpu, absent)))
+    repack_allowed = s.repack and not has_gpu and not off
+    bufs = memory.cpu_buffers(cpu_tensors, hw.cpu_flags if repack_allowed else (), has_gpu, dups, absent)
+    extra = bufs["CPU_REPACK"] + bufs["AMX"]
     if cpu_layers:
         cpu_comp = memory.compute_buffer_bytes(profile, s.n_ctx, s.n_ubatch, s.flash_attn, output=not output_on_gpu)
     elif not output_on_gpu:
@@ -265,20 +274,20 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
         cpu_comp = memory.host_compute_bytes(profile, s.n_ubatch)
     out_buf = memory.output_buffer_bytes(profile)
     cpu_over = memory.PROCESS_OVERHEAD + out_buf + memory.ram_margin(hw.ram_total)
-    anon = bufs["CPU_REPACK"] + cpu_kv + cpu_comp + cpu_over
+    anon = extra + cpu_kv + cpu_comp + cpu_over
     mapped = bufs["mapped_used"]
     room = hw.ram_available - anon
     swap = max(0, -room)
     resident = max(0, min(mapped, room))
     streamed = mapped - resident
-    devices.append(DevicePlan("CPU", "cpu", hw.cpu_name, resident + bufs["CPU_REPACK"], cpu_kv, cpu_comp, cpu_over,
+    devices.append(DevicePlan("CPU", "cpu", hw.cpu_name, resident + extra, cpu_kv, cpu_comp, cpu_over,
                               hw.ram_available, hw.ram_bandwidth, cpu_layers, 0, bufs["CPU_REPACK"], out_buf,
-                              bufs["CPU_Mapped"]))
+                              bufs["CPU_Mapped"], bufs["AMX"]))
     if streamed:
         devices.append(DevicePlan("disk", "disk", "mmap, read again for every token", streamed, 0, 0, 0,
                                   profile.file_bytes, hw.disk_bandwidth))
     embd_cpu = c.embd if any(t.kind == "embd" for t in cpu_tensors) else 0
-    cpu_read = max(0, mapped - embd_cpu - streamed) + bufs["CPU_REPACK"]
+    cpu_read = max(0, mapped - embd_cpu - streamed) + extra
 
     why = ""
     for d in devices:
@@ -287,11 +296,11 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
                    f"(n_gpu_layers={k + m})")
             break
     if not why and swap > hw.swap_free:
-        why = (f"RAM: KV cache, compute buffers{' and repacked weights' if bufs['CPU_REPACK'] else ''} need "
+        why = (f"RAM: KV cache, compute buffers{' and repacked weights' if extra else ''} need "
                f"{human(anon)} but {human(hw.ram_available)} is available (+{human(hw.swap_free)} swap)")
     return Placement(
-        settings=s, n_full=k, n_attn_only=m, gpu_counts=tuple(counts), attn_only_layers=attn_only,
-        output_on_gpu=output_on_gpu, repack=repack_allowed and bufs["CPU_REPACK"] > 0, devices=tuple(devices),
+        settings=replace(s, repack=False) if off else s, n_full=k, n_attn_only=m, gpu_counts=tuple(counts), attn_only_layers=attn_only,
+        output_on_gpu=output_on_gpu, repack=repack_allowed and extra > 0, devices=tuple(devices),
         cpu_weights_read=cpu_read, gpu_weights_read=tuple(gpu_read), disk_stream_bytes=streamed, swap_bytes=swap,
-        kv_layer_bytes=kv_layer, fits=not why, why=why,
+        kv_layer_bytes=kv_layer, fits=not why, why=why, extra_bufts_off=off,
     )

@@ -1,38 +1,20 @@
-"""Predicted speed: decode is memory-bandwidth bound (bytes per tier / that tier's bandwidth), prompt processing
-is compute bound; both with constants calibrated against llama.cpp on real hardware (bench/bench_plan.py)."""
+"""Predicted speed, physics only. A generated token reads every weight and the filled part of the KV cache once:
+its time is the sum over tiers (each GPU, the CPU, the disk) of the bytes read there / that tier's bandwidth. On
+the CPU the dequantizing dot products can be slower than the memory, so the CPU tier takes the larger of its
+memory time and its compute time (weights / the weights/s of their types, measured on the machine by
+`cpu_measure`). Add the per-token overhead measured with those rates (graph, layers, logits and sampling).
+Prompt processing is compute bound (big batches)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
-
+from .cpu_rates import TYPICAL_AVX2, TYPICAL_OTHER, CpuRates, Overhead
 from .hardware import Hardware
 from .profile import ModelProfile
 from .solver import Placement
 
-T = GGMLQuantizationType
-
-# CPU matrix-vector throughput per thread (weights/s) of llama.cpp's AVX2 kernels, by weight type. Decode on
-# the CPU runs at min(RAM bandwidth, threads x this): on few cores the dequantizing dot products are the
-# limit, on many the memory is. Calibrated with bench/bench_plan.py (miniature models, 2-core AVX2 VM).
-# The relative speeds of the types come from llama.cpp's kernels; the overall scale was fitted on an idle
-# machine (an earlier fit under CPU contention read 3.2x too slow).
-_RATE_SCALE = 3.2
-CPU_WEIGHTS_PER_S: dict[GGMLQuantizationType, float] = {
-    t: r * _RATE_SCALE
-    for t, r in {
-        T.F32: 2.0e9, T.F16: 3.0e9, T.BF16: 3.0e9, T.Q8_0: 4.5e9, T.Q4_0: 5.0e9, T.Q4_K: 5.0e9, T.Q5_K: 4.0e9,
-        T.Q6_K: 4.5e9, T.Q3_K: 3.0e9, T.Q2_K: 3.0e9, T.IQ4_XS: 3.5e9, T.IQ4_NL: 4.0e9,
-    }.items()
-}
-DEFAULT_CPU_WEIGHTS_PER_S = 2.0e9 * _RATE_SCALE  # IQ1/IQ2/IQ3 codebook types and anything unlisted
-RAM_EFFICIENCY = 0.8  # fraction of measured read bandwidth llama.cpp's threads reach on big models
-# Per generated token outside the weights: graph build, llama-cpp-python's logits copy and sampling
-# (proportional to the vocabulary), per-layer kernel launches. Calibrated like the above.
-TOKEN_FIXED_S = 1.05e-3
-TOKEN_PER_VOCAB_S = 0.7e-8
-TOKEN_PER_LAYER_S = 4.2e-5
+# Per layer held on a GPU: kernel launches of one decode step (~a dozen kernels of ~1 us each per layer).
 GPU_TOKEN_PER_LAYER_S = 1.5e-5
 # Prompt processing: sustained matmul FLOP/s per CPU thread (AVX2 FMA, llama.cpp's gemm) and per GPU as a
 # multiple of its memory bandwidth (tensor-core FLOPs track bandwidth within ~2x across NVIDIA generations).
@@ -49,16 +31,29 @@ class Speed:
     seconds_by_tier: dict[str, float]
 
 
-def _cpu_compute_rate(profile: ModelProfile, hw: Hardware, threads: int) -> float:
-    """Weights per second the CPU threads can multiply, averaged over the model's type mix (by bytes)."""
+def cpu_rates(hw: Hardware) -> CpuRates:
+    """The machine's measured rates, or typical AVX2 ones when nothing was measured."""
+    return hw.cpu_rates or TYPICAL_AVX2
+
+
+def weights_per_s(rates: CpuRates, type_name: str, threads: int) -> float:
+    """Weights/s of one type on `threads` threads: measured, else typical, else the slowest typical type."""
+    r = rates.weights_per_s(type_name, threads)
+    if r is None:
+        r = TYPICAL_AVX2.weights_per_s(type_name, threads)
+    return r if r is not None else TYPICAL_AVX2.speed(TYPICAL_OTHER, threads)
+
+
+def cpu_bytes_per_s(profile: ModelProfile, rates: CpuRates, threads: int) -> float:
+    """Weight bytes per second the CPU threads can multiply, over the model's mix of matrix types (by bytes)."""
     total = 0.0
-    time = 0.0
+    seconds = 0.0
     for t in profile.tensors:
         if t.kind in ("embd", "rope", "other") or len(t.shape) < 2:
             continue
         total += t.nbytes
-        time += t.n_elements / (threads * CPU_WEIGHTS_PER_S.get(t.ggml_type, DEFAULT_CPU_WEIGHTS_PER_S))
-    return total / time if time else hw.ram_bandwidth  # bytes per second
+        seconds += t.n_elements / weights_per_s(rates, t.ggml_type.name, threads)
+    return total / seconds if seconds else float("inf")
 
 
 def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
@@ -66,6 +61,8 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     """Tokens/s for generation with `context_tokens` already in the KV cache (default: half the context)."""
     fill = p.settings.n_ctx // 2 if context_tokens is None else min(context_tokens, p.settings.n_ctx)
     kv_frac = fill / p.settings.n_ctx if p.settings.n_ctx else 0.0
+    rates = cpu_rates(hw)
+    over: Overhead = rates.overhead(threads)
     tiers: dict[str, float] = {}
     cpu = next(d for d in p.devices if d.kind == "cpu")
     gpus = [d for d in p.devices if d.kind == "gpu"]
@@ -75,12 +72,13 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
             tiers[d.name] = (read + d.kv_bytes * kv_frac) / d.bandwidth + layers * GPU_TOKEN_PER_LAYER_S
     cpu_bytes = p.cpu_weights_read + cpu.kv_bytes * kv_frac
     if cpu_bytes:
-        mem_rate = hw.ram_bandwidth * RAM_EFFICIENCY
-        rate = min(mem_rate, _cpu_compute_rate(profile, hw, threads))
-        tiers["CPU"] = cpu_bytes / rate + (cpu.layers + sum(d.attn_layers for d in gpus)) * TOKEN_PER_LAYER_S
+        memory_s = cpu_bytes / hw.ram_bandwidth
+        compute_s = p.cpu_weights_read / cpu_bytes_per_s(profile, rates, threads)
+        cpu_layers = cpu.layers + sum(d.attn_layers for d in gpus)
+        tiers["CPU"] = max(memory_s, compute_s) + cpu_layers * over.per_layer_s
     if p.disk_stream_bytes:
         tiers["disk"] = p.disk_stream_bytes / hw.disk_bandwidth
-    tiers["fixed"] = TOKEN_FIXED_S + TOKEN_PER_VOCAB_S * profile.n_vocab
+    tiers["fixed"] = over.fixed_s + over.per_vocab_s * profile.n_vocab
     per_token = sum(tiers.values())
 
     # prompt processing, per token of a big batch: the output head runs for the last token only
@@ -96,7 +94,7 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     else:
         pp_cpu = flops_per_weight * cpu_weights / (max(1, threads) * CPU_FLOPS_PER_THREAD)
     pp_disk = (p.disk_stream_bytes / hw.disk_bandwidth) / max(1, p.settings.n_ubatch)
-    pp = PP_PER_TOKEN_S + gpu_s + pp_cpu + pp_disk + TOKEN_PER_LAYER_S * profile.n_layer / max(1, p.settings.n_ubatch)
+    pp = PP_PER_TOKEN_S + gpu_s + pp_cpu + pp_disk + over.per_layer_s * profile.n_layer / max(1, p.settings.n_ubatch)
     return Speed(1.0 / per_token, 1.0 / pp if pp > 0 else 0.0, tiers)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from corral.convert.errors import InvalidFile, UsageError
-from corral.offload import hardware
 from corral.convert.units import GiB, parse_rate, parse_size
+from corral.offload import hardware
 from corral.offload.gpus import find_gpu, parse_gpu_spec
 from corral.offload.hardware import GPU, Hardware, hardware_from_json, load_hardware_file, what_if
 
@@ -104,13 +104,11 @@ def test_detect_hardware_uses_cache_and_is_sane(tmp_path: Path, monkeypatch: pyt
     assert json.loads((tmp_path / "c" / "bandwidth.json").read_text())["ram"] == 12e9
 
 
-def test_real_bandwidth_measurement_is_quick(tmp_path: Path) -> None:
-    import time
-
-    t = time.perf_counter()
+def test_real_bandwidth_measurement(tmp_path: Path) -> None:
+    """Real RAM and disk measurements (their time budgets are checked in bench/bench_latency.py)."""
     bw = hardware.measure_bandwidth(tmp_path, cache=tmp_path / "cache")
-    assert time.perf_counter() - t < 4
     assert bw["ram"] > 1e8 and bw["disk"] > 1e6
+    assert json.loads((tmp_path / "cache" / "bandwidth.json").read_text())["ram"] == bw["ram"]
     assert not list(tmp_path.glob(".corral-bw-*"))  # scratch file removed
 
 
@@ -137,3 +135,15 @@ def test_hardware_file_round_trip(tmp_path: Path) -> None:
     f.write_text("{not json")
     with pytest.raises(InvalidFile):
         load_hardware_file(f)
+
+
+def test_cpu_buffer_verdicts_survive_a_hardware_file(tmp_path: Path) -> None:
+    """A --hardware file can say which CPU extra buffers crash (or are absent) on the machine it describes."""
+    hw = Hardware(cpu_flags=frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8"}),
+                  broken_cpu_buffers=frozenset({"AMX"}), absent_cpu_buffers=frozenset({"CPU_REPACK"}))
+    f = tmp_path / "hw.json"
+    f.write_text(json.dumps(hw.to_json()))
+    back = load_hardware_file(f)
+    assert back.broken_cpu_buffers == {"AMX"} and back.absent_cpu_buffers == {"CPU_REPACK"}
+    assert hardware_from_json({}).broken_cpu_buffers == frozenset()
+

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from corral.convert.errors import UsageError
+from corral.convert.units import GiB
 from corral.offload import memory
 from corral.offload.api import PlanOptions, best_quant, plan_model
-from corral.convert.units import GiB
+from corral.offload.cpu_rates import TYPICAL_AVX2, CpuRates, Overhead, TypeRate
 from corral.offload.gpus import parse_gpu_spec
 from corral.offload.hardware import GPU, Hardware, what_if
 
@@ -168,12 +169,40 @@ def test_speed_model_orders_hardware_sensibly() -> None:
     assert fast.tokens_per_second >= cpu.tokens_per_second
 
 
-def test_catalog_405b_plans_fast() -> None:
-    hw = machine(24)
-    plan_model("llama-3.1-405b", PlanOptions(quant="IQ2_XXS"), hw)  # warm imports and caches
-    t = time.perf_counter()
-    p = plan_model("llama-3.1-405b-instruct", PlanOptions(quant="IQ2_XXS"), hw)
-    assert time.perf_counter() - t < 1.0
+def _rates(scale: float, threads: int = 16, overhead: float = 1e-3) -> CpuRates:
+    over = Overhead(overhead, 0.0, 0.0)
+    types = tuple(TypeRate(t.name, t.one_thread * scale, t.one_thread * scale * threads) for t in TYPICAL_AVX2.types)
+    return CpuRates(threads, True, over, over, types)
+
+
+def test_speed_is_physics_of_bytes_rates_and_overhead() -> None:
+    """CPU-only, everything in RAM: per token = max(bytes / RAM bandwidth, weights / measured rates) + overhead."""
+    opts = PlanOptions(quant="Q4_K_M", n_ctx=4096, n_threads=16)
+    slow = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=1e15, cpu_rates=_rates(0.01)))
+    fast = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=1e15, cpu_rates=_rates(0.02)))
+    slow_cpu, fast_cpu = slow.time_per_token["CPU"], fast.time_per_token["CPU"]
+    assert fast_cpu == pytest.approx(slow_cpu / 2, rel=1e-6)  # compute bound: twice the rate, half the time
+    assert slow.time_per_token["fixed"] == pytest.approx(1e-3)
+    assert 1 / slow.tokens_per_second == pytest.approx(sum(slow.time_per_token.values()))
+    mem = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=5e9, cpu_rates=_rates(1.0)))
+    mem2 = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=5e9, cpu_rates=_rates(2.0)))
+    assert mem.time_per_token["CPU"] == mem2.time_per_token["CPU"]  # memory bound: the rates do not matter
+    cpu = mem.device("CPU")
+    assert mem.time_per_token["CPU"] >= (cpu.weights_bytes - cpu.repack_bytes) / 5e9 * 0.5
+
+
+def test_speed_without_measurement_uses_typical_rates() -> None:
+    opts = PlanOptions(quant="Q4_K_M", n_ctx=4096, n_threads=16)
+    typical = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=1e15))
+    same = plan_model("llama-3.1-8b", opts, replace(machine(), ram_bandwidth=1e15,
+                                                   cpu_rates=replace(TYPICAL_AVX2, measured=True, threads=16)))
+    assert typical.tokens_per_second > 0
+    assert same.tokens_per_second < typical.tokens_per_second  # measured: no gain past the measured threads
+
+
+def test_catalog_405b_plans() -> None:
+    """Planning a catalog model needs no file (how long it takes: bench/bench_latency.py)."""
+    p = plan_model("llama-3.1-405b-instruct", PlanOptions(quant="IQ2_XXS"), machine(24))
     assert p.n_params > 400e9 and 90 * GiB < p.file_bytes < 120 * GiB
     assert p.headline.startswith("Llama 3.1 405B Instruct IQ2_XXS:")
 

@@ -6,13 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_plan import llama_buffers, quantize_real, quantizer_tensor_bytes, synth_gguf, tokenizer_kvs
+from corral.convert.llama_family import LlamaHParams
+from corral.convert.units import GiB
 from corral.offload import memory
 from corral.offload.api import PlanOptions, plan_model
 from corral.offload.catalog import CATALOG, ModelShape
-from corral.convert.units import GiB
 from corral.offload.hardware import Hardware, cpu_info
 from corral.offload.profile import profile_from_gguf, profile_from_shape
+from tests.helpers.llama_ref import (
+    llama_buffers,
+    quantize_real,
+    quantizer_tensor_bytes,
+    synth_gguf,
+    tokenizer_kvs,
+)
 
 MiB = 1024**2
 
@@ -26,7 +33,7 @@ def _predicted(path: Path, n_ctx: int) -> tuple[dict[str, int], int]:
     plan = plan_model(path, PlanOptions(n_ctx=n_ctx), this_cpu())
     c = plan.device("CPU")
     parts = {"CPU_Mapped model": c.mapped_range_bytes, "CPU_REPACK model": c.repack_bytes, "CPU KV": c.kv_bytes,
-             "CPU compute": c.compute_bytes, "CPU output": c.output_bytes}
+             "CPU compute": c.compute_bytes, "CPU output": c.output_bytes, "AMX model": c.amx_bytes}
     return parts, sum(parts.values())
 
 
@@ -56,6 +63,8 @@ def test_cpu_bytes_match_llama_cpp_logs(which: str, n_ctx: int, mini_gguf_bf16: 
         assert parts["CPU_REPACK model"] > 0 and abs(parts["CPU_REPACK model"] - real["CPU_REPACK model"]) < 0.02 * MiB
     else:
         assert parts["CPU_REPACK model"] == real.get("CPU_REPACK model", 0)
+    # AMX hosts (amx_int8 + avx512_vnni, native build): the AMX buffer as llama.cpp logs it (to 0.01 MiB)
+    assert abs(parts["AMX model"] - real.get("AMX model", 0)) < 0.02 * MiB
 
 
 @pytest.mark.slow
@@ -74,11 +83,40 @@ def test_compute_buffer_on_real_8b_shape(tok_kvs: list, tmp_path: Path, flash_at
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [ModelShape("a", 512, 6, 8, 2, 1536), ModelShape("b", 768, 3, 12, 4, 2048,
-                                                                                    tie_embeddings=True)])
+@pytest.mark.parametrize("shape", [ModelShape("a", LlamaHParams(512, 6, 8, 2, 1536)),
+                                   ModelShape("b", LlamaHParams(768, 3, 12, 4, 2048, tie_embeddings=True))])
 @pytest.mark.parametrize("quant", ["Q4_K_M", "Q2_K"])
 def test_target_quant_size_matches_quantizer(tok_kvs: list, tmp_path: Path, shape: ModelShape, quant: str) -> None:
     src = synth_gguf(tmp_path / "src.gguf", shape, "BF16", tok_kvs)
     real = quantizer_tensor_bytes(src, quant)
     pred = profile_from_shape(shape, quant).tensor_bytes
     assert abs(pred / real - 1) < 0.01
+
+
+def test_hf_folder_and_its_gguf_profile_alike(mini_checkpoint: Path, mini_gguf_bf16: Path, tmp_path: Path) -> None:
+    """The planner reads an HF folder with the converter's own config.json rules: the same hyper-parameters and
+    tensor bytes as the GGUF the converter writes from it; a config the converter refuses is refused here too."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from corral.convert.errors import InvalidConfig, UnsupportedModel
+    from corral.offload.profile import load_profile
+
+    from_hf, _ = load_profile(mini_checkpoint, "BF16")
+    from_gguf = profile_from_gguf(mini_gguf_bf16)
+    assert from_hf.source == "hf" and from_hf.hparams.n_embd == 256 and from_hf.hparams.n_head_kv == 2
+    # GGUF keeps rms_eps as float32
+    assert replace(from_gguf.hparams, rms_eps=1e-5) == from_hf.hparams
+    assert [(t.name, t.shape, t.ggml_type) for t in sorted(from_hf.tensors, key=lambda t: t.name)] == [
+        (t.name, t.shape, t.ggml_type) for t in sorted(from_gguf.tensors, key=lambda t: t.name)]
+    assert from_hf.tensor_bytes == from_gguf.tensor_bytes
+    bad = tmp_path / "bad"
+    shutil.copytree(mini_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 3}))
+    with pytest.raises(InvalidConfig, match="multiple of num_key_value_heads"):
+        load_profile(bad, "Q4_K_M")
+    (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn"}}))
+    with pytest.raises(UnsupportedModel, match="rope type"):
+        load_profile(bad, "Q4_K_M")
