@@ -1,4 +1,4 @@
-"""Where corral keeps its data, config and cache (read at call time; CORRAL_HOME overrides)."""
+"""Where corral keeps its data and cache (read at call time; CORRAL_HOME overrides)."""
 
 from __future__ import annotations
 
@@ -22,17 +22,7 @@ def data_dir() -> Path:
     return (root / "data") if root else _xdg("XDG_DATA_HOME", ".local/share") / "corral"
 
 
-def config_dir() -> Path:
-    root = home()
-    return (root / "config") if root else _xdg("XDG_CONFIG_HOME", ".config") / "corral"
-
-
 def cache_dir() -> Path:
     """Measured bandwidths, demo checkpoint."""
     root = home()
     return (root / "cache") if root else _xdg("XDG_CACHE_HOME", ".cache") / "corral"
-
-
-def ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -24,24 +24,14 @@ from typing import Any
 
 from llama_cpp import Llama
 
-from corral.app.runtime.engine import load_engine
 from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.runtime.engine import load_engine
 
 MESSAGES = [Message("system", "You are a helpful assistant."), Message("user", "Write a long story about a llama.")]
 CHAT = [{"role": m.role, "content": m.content} for m in MESSAGES]
 
 
-class _Plan:
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.llama_kwargs = kwargs
-        self.fits = True
-        self.tensor_overrides = ()
-        self.warnings = ()
-        self.headline = "bench"
-
-
 def _tiny(folder: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tests.helpers.engine import write_tiny_gguf
 
     return write_tiny_gguf(folder / "tiny.gguf")
@@ -51,8 +41,8 @@ def _big(folder: Path, hidden: int) -> Path:
     from corral.convert.converter import convert_checkpoint
     from corral.convert.minimodel import MiniSpec, build_checkpoint
 
-    spec = MiniSpec(hidden=hidden, n_layers=8, n_heads=hidden // 128, n_kv_heads=max(1, hidden // 512),
-                    ffn=int(hidden * 2.75) // 256 * 256, shards=2)
+    spec = MiniSpec(n_embd=hidden, n_layer=8, n_head=hidden // 128, n_head_kv=max(1, hidden // 512),
+                    n_ff=int(hidden * 2.75) // 256 * 256, shards=2)
     ckpt = build_checkpoint(folder / "big-ckpt", spec, seed=1)
     out = folder / "big-q8_0.gguf"
     convert_checkpoint(ckpt, out, outtype="q8_0")
@@ -70,8 +60,10 @@ def _timed(fn: Any) -> tuple[float, float]:
 
 def bench_file(path: Path, threads: int, n_tokens: int, repeat: int) -> dict[str, dict[str, float]]:
     """tokens/s (wall and CPU-time based) per side, and the per-round paired ratios corral / side."""
-    kwargs = {"n_ctx": 2048, "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": 0, "n_batch": 512}
-    engine = load_engine(path, plan=_Plan(kwargs))
+    from tests.helpers.plans import make_plan
+
+    plan = make_plan(n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, n_batch=512)
+    engine = load_engine(path, plan=plan)
     ref = Llama(model_path=str(path), verbose=False, **engine.llama_kwargs)
     prompt = engine.prompt_tokens(MESSAGES)
     sink: list[str] = []

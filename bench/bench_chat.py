@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.app.runtime.engine import EngineOptions, load_engine
-from corral.app.runtime.api import Message, SamplingSettings
 from corral.app.chats.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.runtime.engine import EngineOptions, load_engine
 from corral.tui.app import make_app
 from corral.tui.prompt_input import PromptInput
 

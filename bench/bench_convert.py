@@ -25,7 +25,7 @@ from pathlib import Path
 from corral.convert.minimodel import MiniSpec, build_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-BIG = MiniSpec(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, shards=2)
+BIG = MiniSpec(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, shards=2)
 SMALL = MiniSpec()
 
 

@@ -8,17 +8,13 @@ same C code runs; corral adds a Python child start and log parsing).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_quantize_helpers import Shape, llama_quantize, write_mini_gguf  # noqa: E402
-
-from corral.convert import quant_types  # noqa: E402
-from corral.convert.quantize import quantize_gguf  # noqa: E402
+from corral.convert import quant_types
+from corral.convert.quantize import quantize_gguf
+from tests.helpers.quantize import Shape, llama_quantize, write_mini_gguf
 
 
 def _best(fn, repeat: int) -> float:  # noqa: ANN001

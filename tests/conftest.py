@@ -11,8 +11,10 @@ from corral.convert.minimodel import MiniSpec, build_checkpoint
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own CORRAL_HOME, so nothing touches the user's data."""
+    """Every test gets its own CORRAL_HOME, so nothing touches the user's data. Planning on detected hardware
+    does not time llama.cpp's CPU kernels (seconds per fresh home; tests/test_cpu_rates.py runs it once)."""
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path_factory.mktemp("corral-home")))
+    monkeypatch.setenv("CORRAL_CPU_RATES", "off")
 
 
 @pytest.fixture(scope="session")

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 
-from corral.app import engine as engine_mod
+from corral.app.cli.cmd_ask import _answer, read_prompt
 from corral.app.cli.main import cli
-from corral.app.cli.cmd_ask import read_prompt
+from corral.app.cli.model_options import ModelArgs
+from corral.app.runtime import engine as engine_mod
+from corral.app.runtime.api import ChatEngine, Message, SamplingSettings
 from corral.app.runtime.engine import LlamaEngine, load_engine
-from corral.app.runtime.api import Message
+from corral.app.runtime.setup import EngineOptions
+from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
+from tests.helpers.fake_engine import FakeEngine, fake_plan
 
 JSON_KEYS = {"text", "prompt_tokens", "completion_tokens", "prompt_seconds", "generation_seconds", "tokens_per_second",
              "stop_reason"}
@@ -185,3 +189,17 @@ def test_ctrl_c_keeps_the_partial_reply_and_exits_130(shared: SharedEngine, tiny
     doc = json.loads(result.stdout)
     assert result.exit_code == 130 and doc["stop_reason"] == "cancelled" and doc["completion_tokens"] <= 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # ask restored the handler
+
+
+def test_answer_takes_any_chat_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ask` talks to the engine only through the ChatEngine protocol: the fake engine answers, truncates, warns."""
+    fake: ChatEngine = FakeEngine(["a short reply"], n_ctx=64, plan=fake_plan(disk=False))
+    assert fake.plan is not None and fake.warnings == list(fake.plan.warnings)
+    args = ModelArgs(model="fake.gguf", engine=EngineOptions(), sampling=SamplingSettings(max_tokens=8), system=None)
+    messages = [Message("user", "old question"), Message("assistant", "old answer"),
+                Message("user", "word " * 80 + "LAST")]
+    _answer(fake, args, messages, threading.Event(), truncate=True, stream=False, json_=True)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["text"] == "a short reply" and "dropped its oldest text" in out.err
+    sent = fake.calls[-1].messages  # type: ignore[attr-defined]
+    assert len(sent) == 1 and sent[0].content.endswith("LAST") and fake.count_prompt_tokens(sent) <= 64 - 8

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from corral.app.runtime.api import Message
 from corral.app.runtime.chat_format import (
     ChatFormatter,
     ChatTemplate,
@@ -20,9 +21,9 @@ from corral.app.runtime.chat_format import (
     drop_oldest_turns,
     expanded_chars,
 )
-from corral.app.runtime.api import Message
 from corral.convert.errors import TemplateError, UsageError
 from corral.convert.llama3_tokenizer import LLAMA3_CHAT_TEMPLATE
+from tests.helpers.templates import EXPLOSIONS
 
 BOS, EOT = "<|begin_of_text|>", "<|eot_id|>"
 CHAT = [Message("system", "  Be brief. "), Message("user", "Hi there\n"), Message("assistant", "Hello!"),
@@ -107,44 +108,13 @@ def test_missing_or_broken_templates_fall_back(source: str | None) -> None:
     assert fmt.warnings and "built-in Llama 3" in fmt.warnings[0]
 
 
-EXPLOSIONS = {
-    "repeat": "{{ 'a' * 1000000000 }}",
-    "power": "{{ 2 ** 999999999 }}",
-    "center": "{{ 'x' | center(1000000000) }}",
-    "indent": "{{ 'x\ny' | indent(1000000000) }}",
-    "printf": "{{ '%999999999d' % 1 }}",
-    "format_method": "{{ '{:>999999999}'.format(1) }}",
-    "format_filter": "{{ '%0999999999d' | format(1) }}",
-    "ljust": "{{ 'x'.ljust(1000000000) }}",
-    "doubling": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-    "replace": "{% set s = 'x' * 90000 %}{% set t = 'y' * 90000 %}{{ s | replace('x', t) }}",
-    "output": "{% for i in range(100000) %}{{ 'y' * 90000 }}{% endfor %}",
-    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-    "tilde_doubling": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-    "join_doubling": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = [ns.s, ns.s]|join %}"
-    "{% endfor %}",
-    "str_join_doubling": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = ''.join([ns.s, ns.s]) %}"
-    "{% endfor %}",
-    "block_doubling": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set t %}{{ ns.s }}{{ ns.s }}{% endset %}"
-    "{% set ns.s = t %}{% endfor %}",
-    "format_doubling": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = '{0}{0}'.format(ns.s) %}"
-    "{% endfor %}",
-    "list_sum_doubling": "{% set ns = namespace(s=['a']) %}{% for i in range(60) %}{% set ns.s = [ns.s, ns.s]|sum(start=[]) %}"
-    "{% endfor %}",
-    "squaring": "{% set ns = namespace(n=3) %}{% for i in range(60) %}{% set ns.n = ns.n ** 2 %}{% endfor %}",
-    "int_product": "{% set ns = namespace(n=3) %}{% for i in range(60) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
-    "expandtabs": "{{ ('\\t' * 100000).expandtabs(100000) }}",
-    "indent_lines": "{{ ('\\n' * 100000) | indent(99999) }}",
-}
-
-
 @pytest.mark.parametrize("name", sorted(EXPLOSIONS))
-def test_explosive_templates_are_stopped_quickly(name: str) -> None:
+def test_explosive_templates_are_stopped_by_their_guards(name: str) -> None:
     expected = {"output": "output passed", "recursion": "recursed"}.get(name, "exceeded its limits")
-    start = time.monotonic()
-    with pytest.raises(TemplateError, match=expected):  # caught by its guard, not by the clock
-        ChatTemplate(EXPLOSIONS[name]).render(CHAT, bos_token=BOS, eos_token=EOT)
-    assert time.monotonic() - start < 1.5
+    # caught by its guard, not by the clock (whose error says "took longer than"): the clock gets 30 s so that a
+    # loaded machine cannot change which one fires. How fast the guards are: bench/bench_latency.py.
+    with pytest.raises(TemplateError, match=expected):
+        ChatTemplate(EXPLOSIONS[name], TemplateLimits(max_seconds=30.0)).render(CHAT, bos_token=BOS, eos_token=EOT)
 
 
 def test_guarded_operators_still_work() -> None:
@@ -170,10 +140,9 @@ def test_expanded_size_counts_shared_parts_without_building_them() -> None:
     assert expanded_chars(ns, 10**9) == len(str(ns))
     for _ in range(184):  # 200 doublings in all: 201 distinct lists, about 2**200 characters when printed
         shared = [shared, shared]
-    start = time.monotonic()
+    # printing it would take 2**200 steps: that these return at all shows shared parts are counted once
     assert expanded_chars(shared, 10**100) > 2**200
     assert expanded_chars(shared, 1000) <= 2000  # stops soon after passing the cap
-    assert time.monotonic() - start < 0.1
     deep: list = []
     for _ in range(100_000):  # deeper than Python's recursion limit: the walk is iterative
         deep = [deep]
@@ -240,8 +209,9 @@ def test_containers_built_by_reference_are_refused_before_they_expand() -> None:
     assert out.pop("grew_mb") < 128
     assert sorted(out) == sorted(SHARED_EXPLOSIONS)
     for name, (seconds, fell_back, warning) in out.items():
+        # the size guard's reason, not the 30 s clock's ("took longer than"); how fast: bench/bench_latency.py
         assert fell_back and "exceeded its limits" in warning, (name, warning)
-        assert seconds < 1.0, (name, seconds)
+        assert seconds < 30.0, (name, seconds)
 
 
 def test_endless_loop_hits_the_time_limit_and_tracing_is_restored() -> None:
@@ -250,7 +220,7 @@ def test_endless_loop_hits_the_time_limit_and_tracing_is_restored() -> None:
     start = time.monotonic()
     with pytest.raises(TemplateError, match="longer than 0.3 s"):
         ChatTemplate(looping, TemplateLimits(max_seconds=0.3)).render(CHAT, bos_token=BOS, eos_token=EOT)
-    assert 0.3 <= time.monotonic() - start < 2.0
+    assert 0.3 <= time.monotonic() - start < 30.0  # not before the budget; the upper bound is a hang guard
     assert sys.gettrace() is before
 
 

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
+from gguf import GGMLQuantizationType as T
 from llama_cpp import Llama
 
+from corral.app.runtime.api import Message, SamplingSettings
 from corral.app.runtime.chat_format import builtin_llama3_prompt
 from corral.app.runtime.engine import EngineOptions, LlamaEngine, load_engine
-from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.runtime.native import build_params, lc
 from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, InvalidGGUF
+from corral.offload.load_settings import LoadSettings
+from tests.helpers.engine import cpu_plan, shared_tiny_gguf, write_tiny_gguf
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=48)
 CONVERSATIONS = [
@@ -200,8 +203,10 @@ def test_flags_override_plan_and_quantized_kv(tiny_gguf: Path) -> None:
     options = EngineOptions(n_ctx=512, n_threads=2, kv_type="q8_0")
     with load_engine(tiny_gguf, options, plan=cpu_plan()) as eng:
         assert eng.n_ctx == 512
-        assert eng.llama_kwargs["type_k"] == "q8_0" and eng.llama_kwargs["flash_attn"] is True
+        assert eng.settings.kv_type == "q8_0" and eng.settings.flash_attn is True
+        assert eng.llama_kwargs["type_k"] == eng.llama_kwargs["type_v"] == int(T.Q8_0)
         assert eng.llama_kwargs["n_threads"] == eng.llama_kwargs["n_threads_batch"] == 2
+        assert eng.plan.load.kv_type == "f16" and eng.plan.load.n_ctx == 1024  # the plan itself is unchanged
         assert any("q8_0" in line for line in eng.load_log if "KV" in line or "kv" in line)
         assert eng.generate(CONVERSATIONS[0], SamplingSettings(temperature=0, max_tokens=4)).stats.completion_tokens == 4
 
@@ -257,3 +262,26 @@ def test_exact_on_the_converted_miniature(mini_gguf_bf16: Path) -> None:
             _assert_same_as_reference(eng, ref, CONVERSATIONS[2], GREEDY)
         finally:
             ref.close()
+
+
+def test_build_params_fills_llama_cpp_structs_from_load_settings() -> None:
+    settings = LoadSettings(n_ctx=2048, n_gpu_layers=-1, n_batch=4096, n_ubatch=1024, n_threads=3, n_threads_batch=5,
+                            kv_type="q4_0", flash_attn=True, use_mmap=False, use_mlock=True, use_extra_bufts=False,
+                            tensor_split=(2.0, 1.0), main_gpu=1, split_mode="row",
+                            tensor_overrides=((r"output\.weight", "CPU"),))
+    params = build_params(settings)
+    mp, cp = params.model, params.context
+    assert mp.n_gpu_layers == 0x7FFFFFFF and mp.split_mode == lc.LLAMA_SPLIT_MODE_ROW and mp.main_gpu == 1
+    assert list(mp.tensor_split[:2]) == [2.0, 1.0] and mp.tensor_buft_overrides
+    assert mp.use_extra_bufts is False and mp.load_mode == lc.LLAMA_LOAD_MODE_MLOCK
+    assert (cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch) == (2048, 2048, 1024, 3, 5)
+    assert params.n_batch == 2048  # llama.cpp caps the batch at the context
+    assert cp.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_ENABLED and cp.type_k == cp.type_v == int(T.Q4_0)
+
+    plain = build_params(LoadSettings(n_ctx=0, n_gpu_layers=0, n_batch=512, n_ubatch=512, n_threads=1,
+                                      n_threads_batch=1, flash_attn=False))
+    mp, cp = plain.model, plain.context
+    assert mp.n_gpu_layers == 0 and mp.split_mode == lc.LLAMA_SPLIT_MODE_LAYER and not mp.tensor_split
+    assert not mp.tensor_buft_overrides and mp.use_extra_bufts is True and mp.load_mode == lc.LLAMA_LOAD_MODE_MMAP
+    assert cp.n_ctx == 0 and cp.n_batch == plain.n_batch == 512  # n_ctx 0: the model's length, set at load
+    assert cp.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_DISABLED and cp.type_k == cp.type_v == int(T.F16)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.app.runtime.engine import EngineOptions, load_engine
 from corral.app.runtime.api import Message, SamplingSettings
+from corral.app.runtime.engine import EngineOptions, load_engine
 from corral.offload.hardware import probe_gpus
 
 pytestmark = pytest.mark.gpu

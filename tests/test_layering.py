@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED: dict[str, tuple[str, ...]] = {
     "convert": (),
     "offload": ("corral.convert",),
-    "app/chats": ("corral.convert", "corral.app.locations", "corral.app.runtime.api"),
+    "app/chats": ("corral.convert", "corral.app.locations", "corral.app.runtime.api", "corral.app.runtime.state"),
     "app/runtime": ("corral.convert", "corral.offload", "corral.app.locations"),
     "tui": ("corral.convert", "corral.offload", "corral.app.runtime", "corral.app.chats", "corral.app.locations"),
+    "app/serve": ("corral.convert", "corral.offload", "corral.app.runtime", "corral.app.chats", "corral.app.locations"),
     "app/cli": ("corral.convert", "corral.offload", "corral.app.runtime", "corral.app.chats", "corral.app.locations",
-                "corral.tui"),
+                "corral.tui", "corral.app.serve"),
 }
 UI_LIBRARIES = ("click", "textual", "rich")
 PURE = ("convert", "offload")

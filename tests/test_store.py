@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.app.runtime.api import GenerationStats, Message
 from corral.app.chats.store import SCHEMA_VERSION, ChatStore, default_store_path, make_title
+from corral.app.runtime.api import GenerationStats, Message
 from corral.convert.errors import StoreError
 
 

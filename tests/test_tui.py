@@ -6,12 +6,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from tests.helpers.fake_engine import FakeEngine, replied, run_chat, split_tokens, store_fixture, wait_until  # noqa: F401 (fixture)
 
-from corral.app.runtime.api import Message, SamplingSettings
 from corral.app.chats.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
 from corral.tui.app import ChatApp, make_app
 from corral.tui.prompt_input import PromptInput
+from tests.helpers.fake_engine import FakeEngine, replied, run_chat, split_tokens, store_fixture, wait_until  # noqa: F401 (fixture)
 
 LONG_REPLY = " ".join(f"word{i}" for i in range(400))
 
@@ -72,7 +72,7 @@ def prompt_text(pilot) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_user_turn_saved_before_generation_and_reply_saved_while_streaming(store: ChatStore, tmp_path: Path) -> None:
-    engine = FakeEngine([LONG_REPLY], token_delay=0.01)
+    engine = FakeEngine([LONG_REPLY], hold_after=10)
     app = build(engine, store, tmp_path, save_interval=0.1)
     seen_at_start: list[list[tuple[str, str, str]]] = []
     original = engine.generate
@@ -97,7 +97,7 @@ def test_user_turn_saved_before_generation_and_reply_saved_while_streaming(store
 
 
 def test_escape_stops_at_once_keeps_partial_and_second_escape_is_harmless(store: ChatStore, tmp_path: Path) -> None:
-    engine = FakeEngine([LONG_REPLY, "next reply"], token_delay=0.02)
+    engine = FakeEngine([LONG_REPLY, "next reply"], hold_after=10)
     app = build(engine, store, tmp_path)
 
     async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
@@ -129,12 +129,12 @@ def test_escape_stops_at_once_keeps_partial_and_second_escape_is_harmless(store:
 
 
 def test_enter_refused_while_streaming(store: ChatStore, tmp_path: Path) -> None:
-    engine = FakeEngine([LONG_REPLY], token_delay=0.01)
+    engine = FakeEngine([LONG_REPLY], hold_after=5)
     app = build(engine, store, tmp_path)
 
     async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
         await send(pilot, "first")
-        await wait_until(pilot, engine.started.is_set, what="stream start")
+        await wait_until(pilot, engine.holding.is_set, what="the stream to reach its hold")
         await send(pilot, "second")
         assert prompt_text(pilot) == "second"  # kept, not sent
         assert ("warning", "a reply is still streaming; escape stops it") in app.notices
@@ -264,7 +264,7 @@ def test_store_locked_when_sending_keeps_text(store: ChatStore, tmp_path: Path) 
         holder.execute("BEGIN EXCLUSIVE")
         try:
             await send(pilot, "important words")
-            await pilot.pause(0.3)
+            await wait_until(pilot, lambda: any(s == "error" for s, _ in app.notices), what="the locked-store error")
         finally:
             holder.execute("ROLLBACK")
             holder.close()
@@ -278,13 +278,14 @@ def test_store_locked_when_sending_keeps_text(store: ChatStore, tmp_path: Path) 
 
 
 def test_ctrl_q_during_reply_saves_partial_and_quits(store: ChatStore, tmp_path: Path) -> None:
-    engine = FakeEngine([LONG_REPLY], token_delay=0.01)
+    engine = FakeEngine([LONG_REPLY], hold_after=5)
     app = build(engine, store, tmp_path)
 
     async def scenario(pilot, chat) -> None:  # type: ignore[no-untyped-def]
         await send(pilot, "go")
         await wait_until(pilot, lambda: len(chat.view.boxes()) == 2 and chat.view.boxes()[1].content,
                          what="streaming")
+        assert engine.holding.is_set()  # still streaming when ctrl+q comes
         await pilot.press("ctrl+q")
         await pilot.pause(0.05)
 

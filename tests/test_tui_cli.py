@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from corral.app.cli.main import cli
 from corral.app.chats.store import ChatStore, default_store_path
+from corral.app.cli.main import cli
 
 
 def _seed() -> int:
@@ -72,3 +72,19 @@ def test_corrupt_store_is_reported_with_its_path() -> None:
     assert result.exit_code == 1
     assert str(path) in result.stderr and "corrupt" in result.stderr
     assert path.read_bytes() == b"garbage" * 1000  # not replaced
+
+
+def test_list_shows_saved_kv_states() -> None:
+    from corral.app.runtime.state import StateKey
+    from corral.convert.units import format_bytes
+
+    cid, other = _seed(), _seed()
+    with ChatStore() as store:
+        key = StateKey("1-a", 512, "f16", "f16", True, "test")
+        assert store.kv_states.save(cid, key, [1, 2, 3], b"k" * 5000)
+        size = store.kv_states.sizes()[cid]
+    runner = CliRunner()
+    rows = {r["id"]: r for r in json.loads(runner.invoke(cli, ["chat", "--list", "--json"]).stdout)}
+    assert rows[cid]["kv_state_bytes"] == size and rows[other]["kv_state_bytes"] == 0
+    lines = {int(line.split()[0]): line for line in runner.invoke(cli, ["chat", "--list"]).stdout.splitlines()}
+    assert f"KV {format_bytes(size)}" in lines[cid] and "no KV" in lines[other]

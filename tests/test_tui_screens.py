@@ -7,10 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.helpers.fake_engine import FakeEngine, fake_plan, replied, run_chat, store_fixture, wait_until  # noqa: F401 (fixture)
 
-from corral.app.runtime.api import Message, SamplingSettings
 from corral.app.chats.store import ChatStore
+from corral.app.runtime.api import Message, SamplingSettings
 from corral.tui.app import ChatApp, make_app
 from corral.tui.chat_screen import ChatScreen
 from corral.tui.conversation_list import ConversationListScreen
@@ -19,6 +18,7 @@ from corral.tui.load_screen import LoadScreen
 from corral.tui.memory_view import GpuUsage, LiveUsage, MemoryScreen, probe_live_usage, render_memory
 from corral.tui.prompt_input import PromptInput
 from corral.tui.settings_screen import SettingsScreen, parse_sampling
+from tests.helpers.fake_engine import FakeEngine, fake_plan, replied, run_chat, store_fixture, wait_until  # noqa: F401 (fixture)
 
 GIB = 1024**3
 

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers.fake_engine import FakeEngine, chat_ready, fake_plan, wait_until
 
-from corral.app.runtime.api import SamplingSettings
 from corral.app.chats.store import ChatStore
+from corral.app.runtime.api import SamplingSettings
 from corral.tui.app import ChatApp, make_app
 from corral.tui.memory_view import GpuUsage, LiveUsage
 from corral.tui.prompt_input import PromptInput
+from tests.helpers.fake_engine import FakeEngine, chat_ready, fake_plan, wait_until
 
 SIZE = (100, 30)
 GIB = 1024**3
@@ -88,18 +88,18 @@ def test_chat_after_reply(snap_compare, store: ChatStore) -> None:  # type: igno
 
 
 def test_stopped_reply(snap_compare, store: ChatStore) -> None:  # type: ignore[no-untyped-def]
-    engine = FakeEngine(["one two three four five six seven eight nine ten " * 40], token_delay=0.01)
+    engine = FakeEngine(["one two three four five six seven eight nine ten " * 40], hold_after=3)
     app = build(store, engine)
 
     async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
         chat = await chat_ready(pilot)
         chat.query_one(PromptInput).load_text("count")
         await pilot.press("enter")
-        await wait_until(pilot, engine.started.is_set, what="stream")
+        await wait_until(pilot, engine.holding.is_set, what="the stream to reach its hold")
         job = chat.job
         await pilot.press("escape")
         await wait_until(pilot, job.done.is_set, what="the worker to end")
-        await pilot.pause(0.1)  # the engine's stats arrive after the stop
+        await wait_until(pilot, lambda: chat.status.gen_tps >= 0, what="the engine's stats, which arrive after the stop")
         box = chat.view.boxes()[1]
         # make the screen independent of how far the stream got
         await box.replace("one two three")

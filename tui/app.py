@@ -14,12 +14,12 @@ from textual.app import App
 from textual.message import Message as TMessage
 from textual.notifications import SeverityLevel
 
-from corral.app.runtime.api import ChatEngine, SamplingSettings
 from corral.app.chats.store import ChatStore
+from corral.app.runtime.api import ChatEngine, SamplingSettings
 from corral.convert.errors import Cancelled
 
 from .chat_screen import ChatScreen
-from .load_screen import LoadScreen
+from .load_screen import Draft, LoadScreen
 from .memory_view import LiveUsage, probe_live_usage
 
 ProgressCallback = Callable[[float], None]
@@ -94,12 +94,16 @@ class ChatApp(App[int]):
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = False) -> None:
-        """Show a toast (plain text by default: error messages may hold brackets) and keep a log of it."""
+        """Show a toast and keep a log of it.
+
+        Always plain text, whatever `markup` says (widgets' `notify` passes True): messages carry file
+        names, paths, model names and error text, which are data.
+        """
         self.notices.append((severity, str(message)))
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def engine_model_name(self) -> str:
-        return getattr(self.engine, "model_name", "") or self.model_label
+        return (self.engine.model_name if self.engine is not None else "") or self.model_label
 
     @property
     def chat_screen(self) -> ChatScreen | None:
@@ -143,12 +147,14 @@ class ChatApp(App[int]):
     def on_load_screen_cancel_requested(self, _: LoadScreen.CancelRequested) -> None:
         self.load_cancel.set()
 
-    def on_engine_loaded(self, message: EngineLoaded) -> None:
+    async def on_engine_loaded(self, message: EngineLoaded) -> None:
         if self.load_cancel.is_set():
             message.engine.close()
             return
         self.engine = message.engine
-        self.switch_screen(ChatScreen())
+        # Awaited, both: keys pressed meanwhile wait in the app's queue, then reach the chat's prompt box.
+        draft = await self.screen.draft() if isinstance(self.screen, LoadScreen) else Draft()
+        await self.switch_screen(ChatScreen(draft))
 
     def on_load_failed(self, message: LoadFailed) -> None:
         self.failure = message.error

@@ -79,8 +79,8 @@ class ChatCommands:
 
     def action_memory(self) -> None:
         app = self.chat_app
-        self.app.push_screen(MemoryScreen(getattr(app.engine, "plan", None), app.memory_probe,
-                                          interval=app.memory_interval))
+        plan = app.engine.plan if app.engine is not None else None
+        self.app.push_screen(MemoryScreen(plan, app.memory_probe, interval=app.memory_interval))
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())

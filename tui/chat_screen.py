@@ -13,10 +13,12 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
+from corral.app.chats.kv_states import EngineConversation
 from corral.app.runtime.api import Generation, GenerationStats, Message
 from corral.convert.errors import ContextOverflow, CorralError
 
 from .chat_commands import ChatCommands
+from .load_screen import Draft
 from .message_view import MessageBox, MessageView
 from .prompt_input import PromptInput
 from .reply_job import ContextCounted, ReplyDone, ReplyFailed, ReplyJob
@@ -44,10 +46,12 @@ class ChatScreen(ChatCommands, Screen[None]):
         Binding("f1,question_mark", "help", "Help"),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, draft: Draft | None = None) -> None:
         super().__init__()
+        self.draft = draft or Draft()  # typed on the load screen: it goes into the prompt box
         self.job: ReplyJob | None = None
         self.conversation_id: int | None = None
+        self._kv_cache: EngineConversation | None = None
         self.system_prompt = ""
         self._timer: Timer | None = None
         self._switch_interval: float | None = None
@@ -69,10 +73,14 @@ class ChatScreen(ChatCommands, Screen[None]):
         status = self.query_one(StatusBar)
         status.model = app.engine_model_name()
         status.ctx_total = app.engine.n_ctx if app.engine else 0
-        self.query_one(PromptInput).focus()
+        prompt = self.query_one(PromptInput)
+        if self.draft.text:
+            prompt.load_text(self.draft.text)
+            prompt.move_cursor(self.draft.cursor)
+        self.set_focus(prompt)  # now, so that keys already queued land in the box
         if app.initial_conversation_id is not None:
             await self.load_conversation(app.initial_conversation_id)
-        elif app.show_list_at_start:
+        elif app.show_list_at_start and not self.draft.text:  # typing during the load means: chat now
             try:
                 has_any = bool(app.store.list_conversations())
             except CorralError as exc:
@@ -83,6 +91,13 @@ class ChatScreen(ChatCommands, Screen[None]):
         self._refresh_context()
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def kv_cache(self) -> EngineConversation:
+        """The saved KV caches of this store's conversations, and which one the engine holds."""
+        if self._kv_cache is None:
+            self._kv_cache = EngineConversation(self.chat_app.store.kv_states)
+        return self._kv_cache
 
     @property
     def view(self) -> MessageView:
@@ -183,9 +198,13 @@ class ChatScreen(ChatCommands, Screen[None]):
                     used = engine.count_prompt_tokens(job.messages)
                     if used >= engine.n_ctx:
                         raise ContextOverflow(f"the conversation is {used:,} tokens; the context holds {engine.n_ctx:,}")
+                    problem = self.kv_cache.switch_to(engine, job.conversation_id)
+                    if problem:
+                        self.app.call_from_thread(self.notify, problem, severity="warning", markup=False)
                     generation = engine.generate(
                         job.messages, job.settings, on_text=job.buffer.append, cancel=job.cancel
                     )
+                    self.kv_cache.save(engine, job.conversation_id)
         except BaseException as exc:  # every failure goes to the UI as a notification
             self.post_message(ReplyFailed(job, exc))
         else:

@@ -18,6 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from corral.convert.units import format_bytes
+from corral.offload.plan import DevicePlan, Plan
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,12 @@ def probe_live_usage() -> LiveUsage:
     return LiveUsage(rss, tuple(gpus), nvml=True)
 
 
-def device_kind(device: Any) -> tuple[str, int | None]:
+def device_kind(device: DevicePlan) -> tuple[str, int | None]:
     """('gpu', index) | ('ram', None) | ('disk', None) from a plan device's `kind` or its name."""
-    kind = str(getattr(device, "kind", "") or "").lower()
-    name = str(getattr(device, "name", "")).lower()
+    kind = device.kind.lower()
+    name = device.name.lower()
     digits = re.search(r"(\d+)", name)
-    index = getattr(device, "index", None)
-    if index is None and digits:
-        index = int(digits.group(1))
+    index = int(digits.group(1)) if digits else None
     if kind in ("gpu", "cuda") or name.startswith(("cuda", "gpu", "vulkan", "metal")):
         return "gpu", index
     if kind == "disk" or (not kind and ("disk" in name or "mmap" in name)):
@@ -93,33 +92,32 @@ def device_kind(device: Any) -> tuple[str, int | None]:
     return "ram", None  # kind "cpu": system RAM
 
 
-def streams_from_disk(plan: Any) -> bool:
+def streams_from_disk(plan: Plan) -> bool:
     """True when the plan leaves weights on disk (mmap reads them again on every token)."""
-    if getattr(plan, "disk_stream_bytes", 0):
+    if plan.disk_stream_bytes:
         return True
-    for device in getattr(plan, "devices", ()):
-        if device_kind(device)[0] == "disk" and getattr(device, "weights_bytes", 0) > 0:
+    for device in plan.devices:
+        if device_kind(device)[0] == "disk" and device.weights_bytes > 0:
             return True
-    return any("disk" in str(w).lower() for w in getattr(plan, "warnings", ()))
+    return any("disk" in w.lower() for w in plan.warnings)
 
 
 def _b(n: int | None) -> str:
     return "—" if n is None else format_bytes(n)
 
 
-def render_memory(plan: Any | None, live: LiveUsage) -> Group:
+def render_memory(plan: Plan | None, live: LiveUsage) -> Group:
     """The plan table with a live column, warnings, and GPUs NVML sees that the plan does not use."""
     parts: list[Any] = []
     if plan is None:
         parts.append(Text("No offload plan from the engine; live usage only.", style="dim"))
     else:
-        headline = getattr(plan, "headline", "")
-        if headline:
-            parts.append(Text(str(headline), style="bold"))
-        tps = getattr(plan, "tokens_per_second", None)
+        if plan.headline:
+            parts.append(Text(plan.headline, style="bold"))
+        tps = plan.tokens_per_second
         if tps:
             line = f"planned speed ≈ {tps:.2f} tok/s"
-            if getattr(plan, "disk_stream_bytes", 0):
+            if plan.disk_stream_bytes:
                 line += f"; {_b(plan.disk_stream_bytes)} read from disk per token"
             parts.append(Text(line, style="dim"))
     table = Table(box=None, padding=(0, 1), header_style="bold")
@@ -128,7 +126,7 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
     table.add_column("Live now", justify="left", ratio=1)
     gpus = {g.index: g for g in live.gpus}
     seen_gpus: set[int] = set()
-    for device in getattr(plan, "devices", ()) if plan is not None else ():
+    for device in plan.devices if plan is not None else ():
         kind, index = device_kind(device)
         if kind == "gpu":
             gpu = gpus.get(index if index is not None else -1)
@@ -141,16 +139,20 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
         elif kind == "ram":
             now = f"{_b(live.rss_bytes)} RSS"
         else:
-            now = "read via mmap" if getattr(device, "weights_bytes", 0) else "—"
+            now = "read via mmap" if device.weights_bytes else "—"
         table.add_row(
-            str(device.name),
-            _b(getattr(device, "weights_bytes", None)),
-            _b(getattr(device, "kv_bytes", None)),
-            _b(getattr(device, "compute_bytes", 0) + getattr(device, "overhead_bytes", 0)),
-            _b(getattr(device, "total_bytes", None)),
-            _b(getattr(device, "capacity_bytes", None)),
+            Text(device.name),
+            _b(device.weights_bytes),
+            _b(device.kv_bytes),
+            _b(device.compute_bytes + device.overhead_bytes),
+            _b(device.total_bytes),
+            _b(device.capacity_bytes),
             now,
         )
+    for device in plan.draft.devices if plan is not None and plan.draft is not None else ():
+        table.add_row(Text(f"draft {device.name}", style="cyan"), _b(device.weights_bytes), _b(device.kv_bytes),
+                      _b(device.compute_bytes + device.overhead_bytes), _b(device.total_bytes), "",
+                      f"{plan.draft.model} (speculative decoding)")
     if plan is None:
         table.add_row("process", "", "", "", "", "", f"{_b(live.rss_bytes)} RSS")
     for gpu in live.gpus:
@@ -165,7 +167,7 @@ def render_memory(plan: Any | None, live: LiveUsage) -> Group:
     if plan is not None and streams_from_disk(plan):
         parts.append(Text("⚠ weights stream from disk on every token: expect disk-bound speed "
                           "(more RAM or a smaller quant fixes it)", style="bold yellow"))
-    for warning in getattr(plan, "warnings", ()) if plan is not None else ():
+    for warning in plan.warnings if plan is not None else ():
         parts.append(Text(f"⚠ {warning}", style="yellow"))
     return Group(*parts)
 
@@ -178,7 +180,7 @@ class MemoryScreen(ModalScreen[None]):
         Binding("r", "refresh_now", "Refresh"),
     ]
 
-    def __init__(self, plan: Any | None, probe: Callable[[], LiveUsage] = probe_live_usage,
+    def __init__(self, plan: Plan | None, probe: Callable[[], LiveUsage] = probe_live_usage,
                  interval: float = 1.0) -> None:
         super().__init__()
         self.plan = plan

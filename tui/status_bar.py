@@ -17,6 +17,7 @@ class StatusBar(Static):
     prompt_tps = reactive(-1.0)
     gen_tps = reactive(-1.0)
     state = reactive("")
+    draft = reactive("")  # speculative decoding: the last reply's accepted/drafted tokens
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__("", markup=False, **kwargs)  # type: ignore[arg-type]
@@ -25,6 +26,8 @@ class StatusBar(Static):
         self.ctx_used = stats.prompt_tokens + stats.completion_tokens
         self.prompt_tps = stats.prompt_tokens_per_second
         self.gen_tps = stats.tokens_per_second
+        self.draft = (f"draft {stats.accepted_tokens}/{stats.drafted_tokens} ({stats.acceptance_rate:.0%})"
+                      if stats.drafted_tokens else "")
 
     def line(self) -> str:
         parts = [self.model or "no model", f"ctx {self.ctx_used:,}/{self.ctx_total:,}"]
@@ -32,6 +35,8 @@ class StatusBar(Static):
             parts.append(f"prompt {self.prompt_tps:.1f} tok/s")
         if self.gen_tps >= 0:
             parts.append(f"gen {self.gen_tps:.1f} tok/s")
+        if self.draft:
+            parts.append(self.draft)
         if self.state:
             parts.append(self.state)
         return " │ ".join(parts)

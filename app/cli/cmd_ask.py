@@ -6,17 +6,23 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from corral.app.chats.store import ChatStore
+from corral.app.cli import ui
+from corral.app.cli.ask_tools import answer_with_tools, read_tools_file
+from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
+from corral.app.cli.saved_ask import SavedConversation
+from corral.app.runtime.api import ChatEngine, Generation, Message
+from corral.app.runtime.draft import draft_json
 from corral.convert.errors import Cancelled, ContextOverflow, UsageError
 
-from corral.app.cli import ui
-from corral.app.runtime.api import Message
-from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
+if TYPE_CHECKING:
+    from corral.app.runtime.engine import LlamaEngine
 
 
 def read_prompt(argument: str | None, stdin: Any) -> str:
@@ -70,36 +76,76 @@ def _reserve(max_tokens: int, n_ctx: int) -> int:
 @click.option("--truncate", is_flag=True, help="If the prompt is longer than the context, drop its oldest text.")
 @click.option("--no-stream", is_flag=True, help="Print the reply when it is complete instead of as it comes.")
 @click.option("--json", "json_", is_flag=True, help="Print the reply and timings as one JSON object.")
-def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, **params: Any) -> None:
+@click.option("-c", "--continue", "continue_", is_flag=False, flag_value="last", default=None, metavar="[ID]",
+              help="Continue the last saved conversation (or conversation ID) and save this exchange to it; "
+                   "its saved KV cache makes the history free to re-read.")
+@click.option("--save", is_flag=True, help="Start a saved conversation with this exchange (continue it with -c).")
+@click.option("--tools", "tools_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Offer the tools in FILE (OpenAI JSON); calls are printed as JSON, never run.")
+def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, continue_: str | None, save: bool,
+        tools_file: str | None, **params: Any) -> None:
     """Answer one prompt with a local GGUF model and exit.
 
     The prompt comes from the argument, from stdin, or both (stdin first). The model loads
     with corral's offload plan applied; flags such as --ngl or --ctx override the plan.
     Ctrl-C stops the reply between tokens (exit 130, partial text kept).
+    With -c or --save the exchange goes to the chat store (`corral chat --list`); `-c "text"` with no
+    id continues the last conversation.
     """
     args = pop_model_args(params)
+    if continue_ is not None and continue_ != "last" and not continue_.isdigit() and prompt is None:
+        prompt, continue_ = continue_, "last"  # `ask -c "question"`: the value was the prompt
     text = read_prompt(prompt, sys.stdin)
-    messages = ([Message("system", args.system)] if args.system else []) + [Message("user", text)]
-    cancel = threading.Event()
-    with interrupt_sets(cancel):
-        engine = _load(args, cancel)
-        try:
-            _answer(engine, args, messages, cancel, truncate=truncate, stream=not (no_stream or json_), json_=json_)
-        finally:
-            engine.close()
+    tools = read_tools_file(tools_file) if tools_file else None
+    if tools is not None and (continue_ or save):
+        raise UsageError("--tools cannot be combined with -c/--save")
+    saved = _open_saved(continue_, save, args)
+    try:
+        messages = saved.messages(text) if saved else (
+            ([Message("system", args.system)] if args.system else []) + [Message("user", text)])
+        cancel = threading.Event()
+        with interrupt_sets(cancel):
+            engine = _load(args, cancel)
+            try:
+                if tools is not None:
+                    return answer_with_tools(engine, args, messages, tools, cancel, json_=json_)
+                if saved is None:
+                    _answer(engine, args, messages, cancel, truncate=truncate, stream=not (no_stream or json_),
+                            json_=json_)
+                    return
+                saved.restore(engine)
+                reply_id = saved.record_prompt(text)
+                _answer(engine, args, messages, cancel, truncate=truncate, stream=not (no_stream or json_),
+                        json_=json_, on_done=lambda result: saved.record_reply(engine, reply_id, result))
+            finally:
+                engine.close()
+    finally:
+        if saved is not None:
+            saved.store.close()
 
 
-def _load(args: ModelArgs, cancel: threading.Event) -> Any:
-    from corral.convert.gguf_file import read_gguf
+def _open_saved(continue_: str | None, save: bool, args: ModelArgs) -> SavedConversation | None:
+    if continue_ is None and not save:
+        return None
+    if continue_ is not None and save:
+        raise UsageError("use either -c (continue a conversation) or --save (start one), not both")
+    store = ChatStore()
+    try:
+        return SavedConversation.open(store, continue_, system=args.system, model=str(args.model or ""))
+    except BaseException:
+        store.close()
+        raise
 
+
+def _load(args: ModelArgs, cancel: threading.Event) -> LlamaEngine:
     from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
+    from corral.convert.gguf_file import read_gguf
 
     path = resolve_model_path(args.model or "")
     model_file = read_gguf(path)
     plan = make_plan(path, args.engine, model_file)
-    headline = getattr(plan, "headline", "")
-    if headline:
-        ui.note(f"[dim]plan:[/] {headline}")
+    if plan.headline:
+        ui.note(("plan:", "dim"), " ", plan.headline)
     with ui.count_progress(f"loading {path.name}") as bar:
         engine = load_engine(path, args.engine, plan=plan, model_file=model_file, cancel=cancel,
                              progress=lambda f: bar(int(f * 100), 100, ""))
@@ -108,8 +154,9 @@ def _load(args: ModelArgs, cancel: threading.Event) -> Any:
     return engine
 
 
-def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threading.Event, *, truncate: bool,
-            stream: bool, json_: bool) -> None:
+def _answer(engine: ChatEngine, args: ModelArgs, messages: list[Message], cancel: threading.Event, *, truncate: bool,
+            stream: bool, json_: bool, on_done: Callable[[Generation], dict[str, Any]] | None = None) -> None:
+    """Generate, print, and hand the result to `on_done` (whose fields --json adds) before reporting a Ctrl-C."""
     n_prompt = engine.count_prompt_tokens(messages)
     reserve = _reserve(args.sampling.max_tokens, engine.n_ctx)
     if n_prompt >= engine.n_ctx or (truncate and n_prompt > engine.n_ctx - reserve):
@@ -133,8 +180,10 @@ def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threa
     for message in engine.warnings[shown:]:
         ui.warn(message)
     stats = result.stats
+    extra = on_done(result) if on_done is not None else {}
     if json_:
         click.echo(json.dumps({
+            **extra,
             "model": engine.model_name,
             "text": result.text,
             "prompt_tokens": stats.prompt_tokens,
@@ -143,6 +192,7 @@ def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threa
             "generation_seconds": round(stats.generation_seconds, 6),
             "tokens_per_second": round(stats.tokens_per_second, 3),
             "stop_reason": stats.stop_reason,
+            **draft_json(engine, stats),
         }, ensure_ascii=False))
     elif stream:
         if not result.text.endswith("\n"):
@@ -151,7 +201,9 @@ def _answer(engine: Any, args: ModelArgs, messages: list[Message], cancel: threa
     else:
         click.echo(result.text)
     if args.engine.verbose:
-        ui.note(f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prompt_seconds:.2f} s, "
-                f"{stats.completion_tokens} generated at {stats.tokens_per_second:.2f} tok/s ({stats.stop_reason})[/]")
+        ui.note(f"{stats.prompt_tokens} prompt tokens in {stats.prompt_seconds:.2f} s, "
+                f"{stats.completion_tokens} generated at {stats.tokens_per_second:.2f} tok/s ({stats.stop_reason})"
+                + (f", draft accepted {stats.accepted_tokens}/{stats.drafted_tokens}" if stats.drafted_tokens else ""),
+                style="dim")
     if stats.stop_reason == "cancelled":
         raise Cancelled("interrupted; the reply so far is above")

@@ -12,18 +12,21 @@ from typing import Any
 
 import click
 
-from corral.convert.errors import CorralError, EngineError, UsageError
-
-from corral.app.cli import ui
-from corral.app.cli.model_options import model_options, pop_model_args
 from corral.app.chats.store import ChatStore
+from corral.app.cli import ui
+from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
+from corral.app.runtime.api import ChatEngine
+from corral.convert.errors import CorralError, EngineError, UsageError
+from corral.convert.units import format_bytes
 
 
 def _list(store: ChatStore, as_json: bool) -> None:
     rows = store.list_conversations()
+    kv = store.kv_states.sizes()
     if as_json:
         click.echo(json.dumps([
-            {"id": r.id, "title": r.title, "model": r.model, "messages": r.n_messages, "updated_at": r.updated_at}
+            {"id": r.id, "title": r.title, "model": r.model, "messages": r.n_messages, "updated_at": r.updated_at,
+             "kv_state_bytes": kv.get(r.id, 0)}
             for r in rows
         ], indent=2))
         return
@@ -32,21 +35,29 @@ def _list(store: ChatStore, as_json: bool) -> None:
         return
     for r in rows:
         when = _dt.datetime.fromtimestamp(r.updated_at).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{r.id:>5}  {when}  {r.n_messages:>4} msgs  {r.title}")
+        state = f"KV {format_bytes(kv[r.id])}" if r.id in kv else "no KV"
+        click.echo(f"{r.id:>5}  {when}  {r.n_messages:>4} msgs  {state:>12}  {r.title}")
 
 
-def _engine_factory(model: str, args: Any) -> tuple[Callable[..., Any], str, str]:
+EngineFactory = Callable[[Callable[[float], None], threading.Event], ChatEngine]
+
+
+def _engine_factory(model: str, args: ModelArgs) -> tuple[EngineFactory, str, str]:
     """(factory for the app, model label, plan headline); the plan is made here so it can fail early."""
     from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
 
     path = resolve_model_path(model)
-    plan = make_plan(path, args.engine)
-    headline = str(getattr(plan, "headline", "") or "")
+    if args.engine.draft:  # refuse an incompatible draft before the terminal UI starts
+        from corral.app.runtime.draft import check_draft
+        from corral.convert.gguf_file import read_gguf
 
-    def factory(progress: Callable[[float], None], cancel: threading.Event) -> Any:
+        check_draft(read_gguf(path), args.engine.draft)
+    plan = make_plan(path, args.engine)
+
+    def factory(progress: Callable[[float], None], cancel: threading.Event) -> ChatEngine:
         return load_engine(path, args.engine, progress=progress, cancel=cancel, plan=plan)
 
-    return factory, path.name, headline
+    return factory, path.name, plan.headline
 
 
 @click.command("chat")
@@ -84,7 +95,7 @@ def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, expo
         store.close()
 
 
-def _run_app(factory: Callable[..., Any], store: ChatStore, args: Any, label: str, headline: str,
+def _run_app(factory: EngineFactory, store: ChatStore, args: ModelArgs, label: str, headline: str,
              resume: int | None, new: bool, export_dir: Path | None) -> None:
     from corral.tui.app import make_app
 

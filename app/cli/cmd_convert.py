@@ -10,11 +10,10 @@ from typing import Any
 
 import click
 
-from corral.convert.units import SIZE_HELP, format_bytes
+from corral.app.cli import ui
 from corral.convert.errors import UsageError
 from corral.convert.progress import ProgressFn
-
-from corral.app.cli import ui
+from corral.convert.units import SIZE_HELP, format_bytes
 
 
 @click.command("convert")

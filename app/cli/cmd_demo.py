@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from corral.convert.units import format_bytes
 from corral.app import locations
 from corral.app.cli import ui
 from corral.app.runtime.api import Message, SamplingSettings
+from corral.convert.units import format_bytes
 
 DEMO_PROMPT = "In one sentence, what is a llama?"
 REAL_MODEL = "llama-3.1-405b-instruct"
@@ -19,7 +19,7 @@ REAL_QUANT = "IQ2_XXS"
 
 
 def _step(n: int, total: int, title: str) -> None:
-    ui.stderr().print(f"\n[bold cyan]{n}/{total}[/] [bold]{title}[/]")
+    ui.note("\n", (f"{n}/{total}", "bold cyan"), " ", (title, "bold"))
 
 
 @click.command("demo")
@@ -39,15 +39,14 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
     The miniature model has the real Llama 3 tokenizer and architecture but random
     weights: its answer is noise. The same steps run the real 405B (see the README).
     """
+    from corral.app.runtime.engine import EngineOptions, load_engine
     from corral.convert.converter import convert_checkpoint
     from corral.convert.gguf_summary import summarize
     from corral.convert.minimodel import MiniSpec, build_checkpoint
     from corral.convert.quantize import quantize_gguf
     from corral.offload.api import PlanOptions, plan_model
 
-    from corral.app.runtime.engine import EngineOptions, load_engine
-
-    spec = MiniSpec(hidden=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=768, shards=2)
+    spec = MiniSpec(n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=768, shards=2)
     root = workdir or locations.cache_dir() / "demo"
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -63,8 +62,8 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
         with ui.stderr().status("writing config, tokenizer and sharded safetensors..."):
             build_checkpoint(ckpt, spec, seed=0)
     ui.note(
-        f"  {ckpt}: {spec.n_layers} layers, hidden {spec.hidden}, {spec.n_heads} heads / "
-        f"{spec.n_kv_heads} KV heads, real 128,256-token Llama 3 tokenizer"
+        f"  {ckpt}: {spec.n_layer} layers, hidden {spec.n_embd}, {spec.n_head} heads / "
+        f"{spec.n_head_kv} KV heads, real 128,256-token Llama 3 tokenizer"
     )
 
     _step(2, total, "Convert it to GGUF (BF16)")
@@ -115,8 +114,8 @@ def demo(workdir: Path | None, prompt: str, quant: str, fresh: bool) -> None:
         f"  {stats.completion_tokens} tokens at {stats.tokens_per_second:.0f} tok/s "
         f"(prompt {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_second:.0f} tok/s)"
     )
-    ui.stderr().print(
-        "\n[bold]That reply is noise:[/] the miniature model has random weights. Everything else was real - "
+    ui.note(
+        "\n", ("That reply is noise:", "bold"), " the miniature model has random weights. Everything else was real - "
         "the tokenizer, the GGUF conversion, llama.cpp's quantizer, the offload plan and llama.cpp's inference.\n"
         "To run the real Llama 3.1 405B: corral download -> convert -> quantize -> plan -> chat "
         "(README: 'Run the real 405B').\n"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from corral.convert.units import format_bytes
 from corral.app.cli import ui
 from corral.app.locations import data_dir
+from corral.convert.units import format_bytes
 
 
 @click.command("download")

@@ -8,16 +8,28 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from corral.convert.units import format_bytes
 
 
 @click.command("info")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "json_", is_flag=True, help="Print the summary as JSON.")
-def info(model: Path, json_: bool) -> None:
+@click.option("--hardware", is_flag=True,
+              help="Show this machine instead: CPU, RAM, GPUs and whether llama.cpp's CPU extra buffers work.")
+@click.option("--reprobe", is_flag=True, help="With --hardware: test the CPU extra buffers again.")
+def info(model: Path | None, json_: bool, hardware: bool, reprobe: bool) -> None:
     """Show what a GGUF file holds, read from its header (no weights loaded)."""
     from corral.convert.gguf_summary import summarize
+
+    if hardware or reprobe:
+        from corral.app.cli.info_hardware import show_hardware
+
+        show_hardware(json_=json_, reprobe=reprobe)
+        return
+    if model is None:
+        raise click.UsageError("give a MODEL file, or --hardware")
 
     summary = summarize(model)
     if json_:
@@ -44,5 +56,5 @@ def info(model: Path, json_: bool) -> None:
         ("tensors", f"{summary.tensor_count}: " + ", ".join(f"{k} {v}" for k, v in summary.tensor_types.items())),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, Text(value))
     Console().print(table)

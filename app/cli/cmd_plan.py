@@ -8,14 +8,16 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
-
-from corral.offload.api import PlanOptions, plan_model
-from corral.convert.units import SIZE_HELP, format_bytes, parse_rate, parse_size
-from corral.offload.gpus import parse_gpu_spec
-from corral.offload.hardware import Hardware, detect_hardware, load_hardware_file, what_if
-from corral.offload.plan import Plan
+from rich.text import Text
 
 from corral.app.cli import ui
+from corral.convert.units import SIZE_HELP, format_bytes, parse_rate, parse_size
+from corral.offload.api import PlanOptions, plan_model
+from corral.offload.gpus import parse_gpu_spec
+from corral.offload.hardware import Hardware, detect_hardware, load_hardware_file, what_if
+from corral.offload.memory import KV_TYPES
+from corral.offload.plan import Plan
+from corral.offload.speculation import DEFAULT_ACCEPTANCE
 
 
 def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str | None, cpu_only: bool,
@@ -35,8 +37,8 @@ def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str 
 @click.argument("model")
 @click.option("--quant", "-q", help="Target quant type for an HF folder or catalog name (e.g. Q4_K_M, IQ2_XXS).")
 @click.option("--ctx", "n_ctx", type=int, help="Context size (default: the largest that fits).")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
-              help="KV cache type.")
+@click.option("--kv-type", type=click.Choice(list(KV_TYPES)), default="f16", show_default=True,
+              help="KV cache type; q8_0/q4_0 halve/quarter its memory (a quantized type needs flash attention).")
 @click.option("--batch", "n_batch", type=int, default=2048, show_default=True, help="Logical batch size.")
 @click.option("--ubatch", "n_ubatch", type=int, default=512, show_default=True, help="Physical batch size.")
 @click.option("--threads", "n_threads", type=int, help="CPU threads (default: physical cores).")
@@ -47,14 +49,19 @@ def _hardware(model: str, gpu: tuple[str, ...], ram: str | None, disk_read: str 
 @click.option("--cpu-only", is_flag=True, help="Plan as if there were no GPU.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), help="Hardware description JSON.")
 @click.option("--best-quant", is_flag=True, help="Compare every quant type for this model and recommend one.")
+@click.option("--draft", default=None, metavar="DRAFT.gguf",
+              help="Plan a draft model for speculative decoding too (placed first) and predict the speed-up.")
+@click.option("--acceptance", type=click.FloatRange(0.0, 1.0), default=DEFAULT_ACCEPTANCE, show_default=True,
+              help="With --draft: the share of drafted tokens the model is assumed to accept.")
 @click.option("--json", "json_", is_flag=True, help="Print the plan as JSON.")
 def plan(model: str, quant: str | None, n_ctx: int | None, kv_type: str, n_batch: int, n_ubatch: int,
          n_threads: int | None, n_gpu_layers: int | None, gpu: tuple[str, ...], ram: str | None,
-         disk_read: str | None, cpu_only: bool, hardware_file: str | None, best_quant: bool, json_: bool) -> None:
+         disk_read: str | None, cpu_only: bool, hardware_file: str | None, best_quant: bool, draft: str | None,
+         acceptance: float, json_: bool) -> None:
     """Plan where every tensor goes (GPUs, RAM, disk), what context fits and how fast it runs."""
     hw = _hardware(model, gpu, ram, disk_read, cpu_only, hardware_file)
     options = PlanOptions(n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
-                          quant=quant, n_gpu_layers=n_gpu_layers)
+                          quant=quant, n_gpu_layers=n_gpu_layers, draft=draft, draft_acceptance=acceptance)
     if best_quant:
         _best_quant(model, options, hw, json_)
         return
@@ -73,7 +80,7 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
         click.echo(json.dumps({"rows": [r.to_json() for r in rows], "recommended": pick}, indent=2))
         return
     console = Console()
-    table = Table(title=f"{rows[0].plan.model}: every quant on this machine" if rows else "no rows")
+    table = Table(title=Text(f"{rows[0].plan.model}: every quant on this machine" if rows else "no rows"))
     for col in ("quant", "file", "fits", "GPU", "RAM", "disk", "max ctx", "tok/s"):
         table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
     for r in rows:
@@ -81,13 +88,14 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
         mark = "→ " if r.quant == pick else "  "
         fits = "[green]yes[/]" if r.plan.fits and not j["disk_bytes"] else (
             "[yellow]streams[/]" if r.plan.fits else "[red]no[/]")
-        table.add_row(mark + r.quant, format_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]), _b(j["ram_bytes"]),
+        table.add_row(Text(mark + r.quant), format_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]), _b(j["ram_bytes"]),
                       _b(j["disk_bytes"]), str(r.plan.n_ctx), _tps(r.plan.tokens_per_second))
     console.print(table)
     if pick:
-        console.print(f"recommended: [bold]{pick}[/] (the most precise type that runs from memory at a usable speed)"
-                      if any(r.quant == pick and not r.plan.disk_stream_bytes for r in rows)
-                      else f"recommended: [bold]{pick}[/] (fastest; every option streams from disk)")
+        why = ("the most precise type that runs from memory at a usable speed"
+               if any(r.quant == pick and not r.plan.disk_stream_bytes for r in rows)
+               else "fastest; every option streams from disk")
+        console.print(Text.assemble("recommended: ", (pick, "bold"), f" ({why})"))
     else:
         console.print("[red]no quant type fits this machine[/]")
 
@@ -104,7 +112,7 @@ def show(p: Plan, hw: Hardware) -> None:
     """The human plan: headline, device table, warnings, advice and how to run it."""
     console = Console()
     style = "bold green" if p.fits and not p.disk_stream_bytes else "bold yellow" if p.fits else "bold red"
-    console.print(f"[{style}]{p.headline}[/]")
+    console.print(Text(p.headline, style=style))
     table = Table(show_edge=False)
     for col in ("device", "layers", "weights", "KV cache", "compute", "overhead", "total", "capacity", "bandwidth"):
         table.add_column(col, justify="left" if col == "device" else "right")
@@ -113,21 +121,31 @@ def show(p: Plan, hw: Hardware) -> None:
         total = format_bytes(d.total_bytes)
         if not d.fits:
             total = f"[red]{total}[/]"
-        table.add_row(d.name, layers if d.kind != "disk" else "",
+        table.add_row(Text(d.name), layers if d.kind != "disk" else "",
                       format_bytes(d.weights_bytes), _b(d.kv_bytes), _b(d.compute_bytes), _b(d.overhead_bytes),
                       total, format_bytes(d.capacity_bytes) if d.kind != "disk" else "",
                       f"{d.bandwidth / 1e9:.1f} GB/s")
+    for d in p.draft.devices if p.draft else ():
+        table.add_row(Text(f"draft {d.name}", style="cyan"), str(d.layers) if d.kind != "disk" else "",
+                      format_bytes(d.weights_bytes), _b(d.kv_bytes), _b(d.compute_bytes), _b(d.overhead_bytes),
+                      format_bytes(d.total_bytes), "", f"{d.bandwidth / 1e9:.1f} GB/s")
     console.print(table)
+    if p.draft is not None and p.speculative is not None:
+        s = p.speculative
+        gain = (f"k={s.k}: {s.tokens_per_pass:.1f} tokens per pass, ~{_tps(s.tokens_per_second)} tok/s "
+                f"({s.speedup:.2f}x)" if s.pays else "drafting does not pay here (it switches itself off)")
+        console.print(Text(f"draft {p.draft.model} {p.draft.quant} (~{_tps(p.draft.tokens_per_second)} tok/s alone, "
+                           f"context {p.draft.n_ctx}); at {s.acceptance:.0%} acceptance, {gain}", style="cyan"))
     console.print(f"context {p.n_ctx} (model limit {p.n_ctx_train}), KV {p.kv_type}, flash attention "
                   f"{'on' if p.flash_attn else 'off'}, {p.n_gpu_layers}/{p.n_layers} layers on GPU, "
                   f"~{_tps(p.tokens_per_second)} tok/s generation, ~{_tps(p.prompt_tokens_per_second)} tok/s prompt")
     labels = ", ".join(f"{d.name}: {d.label}" for d in p.devices)
-    console.print(f"[dim]{labels}[/]", markup=True, highlight=False)
-    console.print(f"[dim]hardware: {hw.source}; file {format_bytes(p.file_bytes)} ({p.quant})[/]")
+    console.print(Text(labels, style="dim"))
+    console.print(Text(f"hardware: {hw.source}; file {format_bytes(p.file_bytes)} ({p.quant})", style="dim"))
     for w in p.warnings:
         ui.warn(w)
     for a in p.advice:
-        console.print(f"[cyan]tip:[/] {a}")
+        console.print(Text.assemble(("tip:", "cyan"), " ", a))
     console.print("llama-cli " + " ".join(p.llama_cli_args), soft_wrap=True, markup=False, style="dim")
 
 

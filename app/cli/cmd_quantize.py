@@ -9,11 +9,10 @@ from pathlib import Path
 
 import click
 
-from corral.convert.units import format_bytes
+from corral.app.cli import ui
 from corral.convert import quant_types
 from corral.convert.errors import UsageError
-
-from corral.app.cli import ui
+from corral.convert.units import format_bytes
 
 
 class _QuantizeCommand(click.Command):

@@ -10,9 +10,8 @@ from typing import Any
 
 import click
 
-from corral.convert.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorralError
-
 from corral.app.cli import ui
+from corral.convert.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, CorralError
 
 
 class CorralGroup(click.Group):
@@ -52,6 +51,16 @@ def cli(debug: bool) -> None:
     convert Hugging Face weights to GGUF, quantize them with llama.cpp, plan where
     every tensor goes (GPUs, RAM, disk), then chat or ask one-shot questions.
     """
+    if debug:
+        import logging
+
+        logger = logging.getLogger("corral")  # library modules log the evidence behind their choices here
+        if not any(h.get_name() == "corral-debug" for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.set_name("corral-debug")
+            handler.setFormatter(logging.Formatter("debug: %(name)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
 
 
 def _register() -> None:
@@ -63,8 +72,9 @@ def _register() -> None:
     from corral.app.cli.cmd_info import info
     from corral.app.cli.cmd_plan import plan
     from corral.app.cli.cmd_quantize import quantize
+    from corral.app.cli.cmd_serve import serve
 
-    for command in (plan, convert, quantize, download, info, ask, chat, demo):
+    for command in (plan, convert, quantize, download, info, ask, chat, demo, serve):
         cli.add_command(command)
 
 

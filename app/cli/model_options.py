@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import click
 
-from corral.convert.errors import UsageError
-
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.setup import EngineOptions
+from corral.convert.errors import UsageError
+from corral.offload.memory import KV_TYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-KV_CHOICES = ("f16", "q8_0", "q4_0")
+DEFAULT_SAMPLING = SamplingSettings()
 _KEYS = ("model", "ctx", "threads", "ngl", "kv_type", "mmap", "mlock", "force", "verbose", "system", "temperature",
-         "top_p", "seed", "max_tokens")
+         "top_p", "seed", "max_tokens", "draft", "draft_max")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class ModelArgs:
     system: str | None
 
 
-def model_options(*, model_required: bool = True, default_max_tokens: int = 1024) -> Callable[[F], F]:
+def model_options(*, model_required: bool = True,
+                  default_max_tokens: int = DEFAULT_SAMPLING.max_tokens) -> Callable[[F], F]:
     """Add -m/--model, the plan overrides (--ctx, --threads, --ngl, --kv-type, ...) and the sampling flags."""
 
     def decorate(f: F) -> F:
@@ -43,18 +44,26 @@ def model_options(*, model_required: bool = True, default_max_tokens: int = 1024
                          help="CPU threads (default: the plan's)."),
             click.option("--ngl", type=click.IntRange(min=-1), default=None, metavar="N",
                          help="Layers on the GPU(s), overriding the plan (-1 = all)."),
-            click.option("--kv-type", type=click.Choice(KV_CHOICES), default="f16", show_default=True,
-                         help="KV cache type; q8_0/q4_0 halve/quarter its memory (enables flash attention)."),
+            click.option("--kv-type", type=click.Choice(list(KV_TYPES)), default=None,
+                         help="KV cache type (default: f16); q8_0/q4_0 halve/quarter its memory (a quantized "
+                              "type turns flash attention on)."),
             click.option("--mmap/--no-mmap", "mmap", default=None,
                          help="Map the file instead of reading it into RAM (default: the plan's)."),
             click.option("--mlock", is_flag=True, default=False, help="Lock the weights in RAM (no paging out)."),
+            click.option("--draft", "draft", default=None, metavar="DRAFT.gguf",
+                         help="Speculative decoding: a small model with the same tokenizer drafts tokens that the "
+                              "model checks in one pass (e.g. Llama 3.2 1B for 3.1 70B/405B); same output, faster "
+                              "when the model streams from RAM or disk."),
+            click.option("--draft-max", "draft_max", type=click.IntRange(min=1, max=32), default=8, show_default=True,
+                         metavar="N", help="Most tokens the draft proposes per step (adapts to its acceptance)."),
             click.option("--force", is_flag=True, help="Load even if the plan says the model will not fit."),
             click.option("--verbose", is_flag=True, help="Show llama.cpp's own log on stderr."),
             click.option("--system", default=None, metavar="TEXT", help="System prompt."),
-            click.option("--temperature", type=click.FloatRange(min=0.0, max=5.0), default=0.7, show_default=True,
+            click.option("--temperature", type=click.FloatRange(min=0.0, max=5.0),
+                         default=DEFAULT_SAMPLING.temperature, show_default=True,
                          help="Sampling temperature; 0 = greedy (deterministic)."),
-            click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.95,
-                         show_default=True, help="Nucleus sampling threshold."),
+            click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+                         default=DEFAULT_SAMPLING.top_p, show_default=True, help="Nucleus sampling threshold."),
             click.option("--seed", type=int, default=None, help="Random seed for sampling (default: random)."),
             click.option("--max-tokens", type=click.IntRange(min=0), default=default_max_tokens, show_default=True,
                          metavar="N", help="Most tokens to generate (0 = until the context is full)."),
@@ -75,16 +84,14 @@ def pop_model_args(params: dict[str, Any]) -> ModelArgs:
         n_ctx=values["ctx"],
         n_threads=values["threads"],
         n_gpu_layers=values["ngl"],
-        kv_type=values["kv_type"] or "f16",
+        kv_type=values["kv_type"],
         force=bool(values["force"]),
         verbose=bool(values["verbose"]),
         use_mmap=values["mmap"],
         use_mlock=True if values["mlock"] else None,
+        draft=values["draft"],
+        draft_max=int(values["draft_max"] or 8),
     )
-    sampling = SamplingSettings(
-        temperature=float(values["temperature"] if values["temperature"] is not None else 0.7),
-        top_p=float(values["top_p"] if values["top_p"] is not None else 0.95),
-        max_tokens=int(values["max_tokens"] if values["max_tokens"] is not None else 1024),
-        seed=values["seed"],
-    )
+    given = {k: values[k] for k in ("temperature", "top_p", "max_tokens", "seed") if values[k] is not None}
+    sampling = replace(DEFAULT_SAMPLING, **given)
     return ModelArgs(model=values["model"], engine=engine, sampling=sampling, system=values["system"])

@@ -1,4 +1,8 @@
-"""Terminal output helpers for the CLI: stderr messages, byte formatting, progress bars."""
+"""Terminal output helpers for the CLI: stderr messages, byte formatting, progress bars.
+
+Every string handed to these helpers is printed literally: file names, model names, paths, prompts and
+error messages are data, never Rich markup. Our own styling travels as `(text, style)` parts.
+"""
 
 from __future__ import annotations
 
@@ -15,28 +19,38 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from corral.convert.progress import ProgressFn
 
-_stderr = Console(stderr=True, highlight=False)
+_stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)  # raw strings printed here are data too
+
+Part = str | tuple[str, str] | Text
+"""A piece of a line: plain text (printed as is), `(text, style)`, or a ready `rich.text.Text`."""
 
 
 def stderr() -> Console:
     return _stderr
 
 
+def plain(*parts: Part, style: str = "") -> Text:
+    """One styled line from literal parts (no markup is parsed in any of them)."""
+    return Text.assemble(*parts, style=style)
+
+
 def error(message: str) -> None:
     """One line on stderr, no traceback."""
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    _stderr.print(f"[bold red]error:[/] {first}", markup=True, soft_wrap=True)
+    _stderr.print(plain(("error:", "bold red"), " ", first), soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    _stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    _stderr.print(plain(("warning:", "yellow"), " ", message), soft_wrap=True)
 
 
-def note(message: str) -> None:
-    _stderr.print(message, soft_wrap=True)
+def note(*parts: Part, style: str = "") -> None:
+    """A line on stderr: `note("wrote ", path)`, `note(("plan:", "dim"), " ", headline)`, `note(text, style="dim")`."""
+    _stderr.print(plain(*parts, style=style), soft_wrap=True)
 
 
 @contextmanager
@@ -56,7 +70,7 @@ def _progress(description: str, columns: tuple, enabled: bool) -> Iterator[Progr
 def byte_progress(description: str, *, enabled: bool = True) -> AbstractContextManager[ProgressFn]:
     """A rich progress bar on stderr with bytes, speed and ETA; yields a ProgressFn."""
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         DownloadColumn(binary_units=True),
@@ -69,7 +83,7 @@ def byte_progress(description: str, *, enabled: bool = True) -> AbstractContextM
 def count_progress(description: str, *, enabled: bool = True) -> AbstractContextManager[ProgressFn]:
     """A rich progress bar on stderr counting items (tensors, tokens); yields a ProgressFn."""
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         TextColumn("{task.completed}/{task.total}"),

@@ -20,22 +20,32 @@ from typing import Any
 
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 
-from corral.convert.errors import TemplateError
-
 from corral.app.runtime.api import Message
-from corral.app.runtime.template_sandbox import GuardedEnvironment, LimitExceeded, TemplateLimits, expanded_chars
+from corral.app.runtime.template_sandbox import (
+    GuardedEnvironment,
+    LimitExceeded,
+    TemplateLimits,
+    expanded_chars,
+)
+from corral.app.runtime.tool_prompt import (
+    builtin_llama31_prompt,
+    needs_tool_format,
+    template_messages,
+    template_tool_variables,
+    tools_chars,
+)
+from corral.app.runtime.tools import ToolSet
+from corral.convert.errors import TemplateError
+from corral.convert.llama_family import BOS_TEXT, EOT_TEXT
+from corral.convert.llama_family import END_HEADER_TEXT as END_HEADER
+from corral.convert.llama_family import START_HEADER_TEXT as START_HEADER
+from corral.convert.llama_family import STOP_TEXTS as LLAMA3_STOP_TEXTS
 
 __all__ = [
     "BOS_TEXT", "EOT_TEXT", "LLAMA3_STOP_TEXTS", "ChatFormatter", "ChatTemplate", "TemplateLimits", "TemplateRaised",
     "builtin_llama3_prompt", "drop_oldest_turns", "expanded_chars",
 ]  # fmt: skip
 
-BOS_TEXT = "<|begin_of_text|>"
-START_HEADER = "<|start_header_id|>"
-END_HEADER = "<|end_header_id|>"
-EOT_TEXT = "<|eot_id|>"
-# Llama 3.1 ends a turn with <|eot_id|>, a tool call with <|eom_id|>, a base-model text with <|end_of_text|>.
-LLAMA3_STOP_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 DEFAULT_LIMITS = TemplateLimits()
 
 
@@ -91,18 +101,19 @@ class ChatTemplate:
             raise TemplateError("the chat template is too complex to compile") from None
 
     def render(self, messages: Sequence[Message], *, bos_token: str, eos_token: str,
-               add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`; raise TemplateError on any failure or limit."""
-        budget = self.limits.base_output_chars + self.limits.output_per_input * sum(len(m.content) for m in messages)
+               add_generation_prompt: bool = True, tools: ToolSet | None = None) -> str:
+        """The prompt text for `messages` (and `tools`); raise TemplateError on any failure or limit."""
+        given = sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in messages)
+        budget = self.limits.base_output_chars + self.limits.output_per_input * (given + tools_chars(tools))
         self._env.max_value_chars = budget
         variables = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": template_messages(messages),
             "bos_token": bos_token,
             "eos_token": eos_token,
             "add_generation_prompt": add_generation_prompt,
             "raise_exception": _raise_exception,
             "strftime_now": _strftime_now,
-            "tools": None,
+            **template_tool_variables(tools),
             "functions": None,
             "function_call": None,
             "tool_choice": None,
@@ -157,20 +168,30 @@ class ChatFormatter:
     def using_builtin(self) -> bool:
         return self._fallback
 
+    def _ignores_tools(self, messages: Sequence[Message], tools: ToolSet | None) -> bool:
+        """A template that never reads `tools` / `tool_calls` would drop them silently: use our format then."""
+        source = self.template_source or ""
+        if tools is not None and tools.active and "tools" not in source:
+            return True
+        return any(m.tool_calls for m in messages) and "tool_calls" not in source
+
     def _use_fallback(self, why: str) -> None:
         self._fallback = True
         self._template = None
         self.warnings.append(f"{why}; using corral's built-in Llama 3 chat format")
 
-    def format(self, messages: Sequence[Message]) -> str:
+    def format(self, messages: Sequence[Message], tools: ToolSet | None = None) -> str:
         """Prompt text ending with the assistant header; falls back (once, with a warning) on template failure."""
-        if self._template is not None:
+        if self._template is not None and not self._ignores_tools(messages, tools):
             try:
-                return self._template.render(messages, bos_token=self.bos_token, eos_token=self.eos_token)
+                return self._template.render(messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                                             tools=tools)
             except TemplateRaised:
                 raise
             except TemplateError as exc:
                 self._use_fallback(str(exc))
+        if needs_tool_format(messages, tools):
+            return builtin_llama31_prompt(messages, tools, bos_token=self.bos_token)
         return builtin_llama3_prompt(messages, bos_token=self.bos_token)
 
 

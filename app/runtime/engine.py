@@ -16,45 +16,44 @@ import codecs
 import ctypes
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, UsageError
-from corral.convert.gguf_file import read_gguf
-
+from corral.app.runtime import state
+from corral.app.runtime.api import (
+    FitResult,
+    Generation,
+    GenerationStats,
+    Message,
+    SamplingSettings,
+    StopReason,
+)
 from corral.app.runtime.chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
-from corral.app.runtime.api import Generation, GenerationStats, Message, SamplingSettings, StopReason
+from corral.app.runtime.draft import attach_draft, check_draft
 from corral.app.runtime.native import LOG, build_params, init_backend
 from corral.app.runtime.native import lc as _lc
 from corral.app.runtime.setup import (
     EngineOptions,
+    apply_options,
     does_not_fit_message,
-    effective_kwargs,
     last_log_line,
     make_plan,
     resolve_model_path,
 )
+from corral.app.runtime.tools import PYTHON_TAG, ToolSet
+from corral.app.runtime.vocab import Vocab
+from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, UsageError
+from corral.convert.gguf_file import GGUFModelFile, read_gguf
+from corral.convert.llama_family import EOM_TEXT
+from corral.offload.load_settings import LoadSettings
+from corral.offload.plan import Plan
 
 # llama-cpp-python's defaults for create_chat_completion's sampler chain (mirrored so seeded runs match too).
 TOP_K = 40
 MIN_P = 0.05
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """A conversation cut down to fit the context: what was kept and what was dropped."""
-
-    messages: list[Message]
-    prompt_tokens: int
-    dropped_messages: int = 0
-    dropped_tokens: int = 0
-
-    @property
-    def truncated(self) -> bool:
-        return self.dropped_messages > 0 or self.dropped_tokens > 0
 
 
 def load_engine(
@@ -63,24 +62,25 @@ def load_engine(
     *,
     progress: Callable[[float], None] | None = None,
     cancel: threading.Event | None = None,
-    plan: Any = None,
-    model_file: Any = None,
+    plan: Plan | None = None,
+    model_file: GGUFModelFile | None = None,
 ) -> LlamaEngine:
-    """Load a GGUF with the plan applied; `progress` gets 0..1; setting `cancel` aborts the load (Cancelled)."""
+    """Load a GGUF with the plan (made here when None) and the user's flags applied; `progress` gets 0..1;
+    setting `cancel` aborts the load (Cancelled); a plan that does not fit is refused unless forced."""
     options = options or EngineOptions()
     path = resolve_model_path(model_path)
     if model_file is None:
         model_file = read_gguf(path)
+    draft = check_draft(model_file, options.draft) if options.draft else None
     if plan is None:
         plan = make_plan(path, options, model_file)
-    if not getattr(plan, "fits", True) and not options.force:
+    if not plan.fits and not options.force:
         raise DoesNotFit(does_not_fit_message(plan), path=path)
-    kwargs = effective_kwargs(plan, options)
-    overrides = tuple(getattr(plan, "tensor_overrides", ()) or ())
+    settings = apply_options(plan.load, options)
     init_backend()
     LOG.install()
     LOG.verbose = options.verbose
-    native = build_params(kwargs, overrides)
+    native = build_params(settings)
 
     failure: list[BaseException] = []
 
@@ -120,41 +120,44 @@ def load_engine(
         _lc.llama_model_free(model)
         raise
     # the engine owns model and context from here on (it frees them itself if its setup fails)
-    engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, llama_kwargs=kwargs,
-                         tensor_overrides=overrides, load_log=load_log + ctx_log)
-    engine.warnings.extend(str(w) for w in getattr(plan, "warnings", ()) or ())
-    if native.ignored:
-        engine.warnings.append(f"ignored plan settings this runtime does not apply: {', '.join(native.ignored)}")
+    engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, settings=settings,
+                         load_log=load_log + ctx_log)
+    engine.warnings.extend(plan.warnings)
+    if draft is not None:
+        attach_draft(engine, options, *draft, cancel=cancel)
     return engine
 
 
 class LlamaEngine:
     """A loaded llama.cpp model and context implementing `ChatEngine`."""
 
-    def __init__(self, path: Path, model: Any, ctx: Any, n_batch: int, *, plan: Any, model_file: Any,
-                 llama_kwargs: Mapping[str, Any], tensor_overrides: tuple[tuple[str, str], ...] = (),
-                 load_log: Sequence[str] = ()) -> None:
+    def __init__(self, path: Path, model: Any, ctx: Any, n_batch: int, *, plan: Plan, model_file: GGUFModelFile,
+                 settings: LoadSettings, load_log: Sequence[str] = ()) -> None:
         self._model = model
         self._ctx = ctx
         self._lock = threading.Lock()
         try:
-            self._setup(path, n_batch, plan, model_file, llama_kwargs, tensor_overrides, load_log)
+            self._setup(path, n_batch, plan, model_file, settings, load_log)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, path: Path, n_batch: int, plan: Any, model_file: Any, llama_kwargs: Mapping[str, Any],
-               tensor_overrides: tuple[tuple[str, str], ...], load_log: Sequence[str]) -> None:
+    def _setup(self, path: Path, n_batch: int, plan: Plan, model_file: GGUFModelFile, settings: LoadSettings,
+               load_log: Sequence[str]) -> None:
         model, ctx = self._model, self._ctx
         self.path = path
-        self.plan = plan
-        self.llama_kwargs = dict(llama_kwargs)
-        self.tensor_overrides = tensor_overrides
+        self.plan: Plan | None = plan
+        self.settings = settings  # the plan's load settings with the user's flags applied
         self.load_log = list(load_log)
         self.warnings: list[str] = []
         self._vocab = _lc.llama_model_get_vocab(model)
+        self.vocab = Vocab(self._vocab)
+        self.token_text, self.tokenize = self.vocab.token_text, self.vocab.tokenize
+        self.piece, self.detokenize = self.vocab.piece, self.vocab.detokenize
         self._n_batch = n_batch
         self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
+        self._files, self._data_offset = model_file.files, model_file.headers[0].data_offset
+        self._state_key: state.StateKey | None = None
         self.n_ctx = int(_lc.llama_n_ctx(ctx))
         self.n_ctx_train = int(_lc.llama_model_n_ctx_train(model))
         self.model_name = str(model_file.get("general.name") or path.stem)
@@ -171,59 +174,52 @@ class LlamaEngine:
                                    Message("user", "u")])
         except TemplateRaised:
             pass  # the template validates conversations itself; real ones will be checked when sent
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = self.vocab.stop_ids(self.eos_id, LLAMA3_STOP_TEXTS)
+        self.eom_id = self.vocab.special_id(EOM_TEXT)  # ends a message that expects a tool's result
+        self.python_tag_id = self.vocab.special_id(PYTHON_TAG)  # starts a tool call; kept in the text when tools are on
         self.last_prompt_tokens: list[int] = []
+        self.last_cached_tokens = 0
         self.last_completion_tokens: list[int] = []
         self.last_stop_token: int | None = None
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self.speculator: Any = None  # a `speculative.Speculator` when a draft model is attached
 
-    # -- tokens -------------------------------------------------------------------------------
-    def token_text(self, token: int) -> str:
-        return (_lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+    @property
+    def llama_kwargs(self) -> dict[str, Any]:
+        """The settings this engine was loaded with, as llama-cpp-python's `Llama(**kwargs)` takes them."""
+        return self.settings.llama_kwargs
 
-    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buf = (_lc.llama_token * size)()
-        n = _lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
-        if n < 0:
-            size = -n
-            buf = (_lc.llama_token * size)()
-            n = _lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
-            if n < 0:
-                raise EngineError(f"llama.cpp could not tokenize {len(data)} bytes of text")
-        return list(buf[:n])
+    # -- saved KV state (resuming conversations) -------------------------------------------------
+    def state_key(self) -> state.StateKey:
+        if self._state_key is None:
+            self._state_key = state.key_for(self._files, self._data_offset, self.n_ctx, self.settings.kv_type,
+                                            self.settings.flash_attn)
+        return self._state_key
 
-    def piece(self, token: int, *, special: bool = False) -> bytes:
-        buf = self._piece_buf
-        n = _lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = _lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return ctypes.string_at(buf, n)
+    def export_state(self) -> tuple[list[int], bytes]:
+        with self._lock:
+            return list(self._cached), state.capture(_lc, self._ctx) if self._cached else b""
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="ignore")
+    def import_state(self, tokens: Sequence[int], data: bytes) -> bool:
+        with self._lock:
+            ok = 0 < len(tokens) < self.n_ctx and state.restore(_lc, self._ctx, data)
+            self._cached = list(tokens) if ok else []
+            return ok
 
-    def _stop_ids(self) -> frozenset[int]:
-        ids = {t for t in (self.eos_id, int(_lc.llama_vocab_eot(self._vocab))) if t >= 0}
-        for text in LLAMA3_STOP_TEXTS:
-            found = self.tokenize(text, parse_special=True)
-            if len(found) == 1 and found[0] >= 0:
-                ids.add(found[0])
-        return frozenset(ids)
-
-    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
+    def prompt_tokens(self, messages: Sequence[Message], tools: ToolSet | None = None) -> list[int]:
         """The formatted conversation as tokens: template text, BOS exactly once."""
-        text = self.formatter.format(messages)
+        text = self.formatter.format(messages, tools)
         add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         tokens = self.tokenize(text, add_special=add_bos, parse_special=True)
         while len(tokens) >= 2 and tokens[0] == tokens[1] == self.bos_id:
             del tokens[0]
         return tokens
 
-    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self.prompt_tokens(messages))
+    def count_prompt_tokens(self, messages: Sequence[Message], tools: ToolSet | None = None) -> int:
+        return len(self.prompt_tokens(messages, tools))
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of a raw completion prompt (BOS added as the model asks)."""
+        return len(self.tokenize(text, add_special=self._add_bos, parse_special=True))
 
     def fit_messages(self, messages: Sequence[Message], reserve: int) -> FitResult:
         """Drop the oldest turns, then the oldest text of the last one, until the prompt leaves `reserve` tokens."""
@@ -279,13 +275,25 @@ class LlamaEngine:
         return 0
 
     def generate(self, messages: Sequence[Message], settings: SamplingSettings, *,
-                 on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Generation:
-        """Stream the assistant's reply to `messages`; stops at an end-of-turn token, max_tokens, or `cancel`."""
+                 on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+                 tools: ToolSet | None = None) -> Generation:
+        """Stream the assistant's reply to `messages`; stops at an end-of-turn token, max_tokens, or `cancel`.
+
+        With `tools` offered, `<|python_tag|>` stays in the text (it marks a call) and a reply that ends
+        with `<|eom_id|>` stops with reason "tool_call"."""
+        keep = frozenset({self.python_tag_id}) if tools is not None and tools.active else frozenset()
         with self._lock:
-            return self._generate(self.prompt_tokens(messages), settings, on_text, cancel)
+            return self._generate(self.prompt_tokens(messages, tools), settings, on_text, cancel, keep)
+
+    def complete(self, prompt: str, settings: SamplingSettings, *, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> Generation:
+        """Continue raw text (no chat template; BOS added as the model asks)."""
+        with self._lock:
+            tokens = self.tokenize(prompt, add_special=self._add_bos, parse_special=True)
+            return self._generate(tokens, settings, on_text, cancel)
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
-                  cancel: threading.Event | None) -> Generation:
+                  cancel: threading.Event | None, keep: frozenset[int] = frozenset()) -> Generation:
         if self._ctx is None:
             raise EngineError("the model has been closed")
         n_prompt = len(prompt)
@@ -301,8 +309,11 @@ class LlamaEngine:
         t1 = time.perf_counter()
         if aborted:
             return Generation("", GenerationStats(n_prompt, 0, t1 - t0, 0.0, "cancelled"))
+        if self.speculator is not None:
+            return self.speculator.run(prompt, settings, on_text, cancel, keep, t0, t1)
 
         chain = self._sampler(settings)
+        tools_on = bool(keep)
         ctx, vocab, stops = self._ctx, self._vocab, self.stop_ids
         sample, decode, is_eog = _lc.llama_sampler_sample, _lc.llama_decode, _lc.llama_vocab_is_eog
         piece, decoder = self.piece, codecs.getincrementaldecoder("utf-8")(errors="ignore")
@@ -316,10 +327,10 @@ class LlamaEngine:
                 token = sample(chain, ctx, -1)
                 if token in stops or is_eog(vocab, token):
                     self.last_stop_token = token
-                    reason = "stop"
+                    reason = "tool_call" if tools_on and token == self.eom_id else "stop"
                     break
                 out.append(token)
-                text = decoder.decode(piece(token))
+                text = decoder.decode(piece(token, special=token in keep))
                 if text:
                     parts.append(text)
                     if on_text is not None:
@@ -349,6 +360,7 @@ class LlamaEngine:
     def _decode_prompt(self, prompt: list[int], cancel: threading.Event | None) -> bool:
         """Decode the prompt (reusing the cached prefix) in n_batch chunks; True if cancelled."""
         start = self._reuse_prefix(prompt)
+        self.last_cached_tokens = start  # prompt tokens whose KV was already there (or restored)
         todo = prompt[start:]
         arr = (_lc.llama_token * len(todo))(*todo)
         abort_cb = None
@@ -377,6 +389,9 @@ class LlamaEngine:
     def close(self) -> None:
         """Free the context and the model."""
         with self._lock:
+            if self.__dict__.get("speculator") is not None:
+                self.speculator.close()
+                self.speculator = None
             if self._ctx is not None:
                 _lc.llama_free(self._ctx)
                 self._ctx = None
@@ -397,5 +412,5 @@ class LlamaEngine:
             pass
 
 
-__all__ = ["EngineOptions", "FitResult", "LlamaEngine", "effective_kwargs", "load_engine",
-           "make_plan", "resolve_model_path"]
+__all__ = ["EngineOptions", "FitResult", "LlamaEngine", "apply_options", "load_engine", "make_plan",
+           "resolve_model_path"]

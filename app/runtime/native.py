@@ -1,28 +1,27 @@
-"""The ctypes layer under the engine: llama.cpp parameters from plan kwargs, ggml devices, log capture.
+"""The ctypes layer under the engine: llama.cpp parameters from a plan's LoadSettings, ggml devices, log capture.
 
 llama-cpp-python's high-level `Llama` has no parameter for tensor buffer-type overrides or a
 load progress callback, so corral fills `llama_model_params` / `llama_context_params` itself
-from the plan's `llama_kwargs` (the same names and defaults `Llama(...)` uses, so a plan means
-the same thing to both), and builds the NULL-terminated `tensor_buft_overrides` array with
+from `LoadSettings` (which also derives the `Llama(**kwargs)` a reference run uses, so both
+mean the same thing), and builds the NULL-terminated `tensor_buft_overrides` array with
 buffer types from ggml's backend device API.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from gguf import GGMLQuantizationType
 from llama_cpp import llama_cpp as lc
 
-from corral.convert.errors import EngineError, UsageError
+from corral.convert.errors import EngineError
+from corral.offload.load_settings import LoadSettings
 
 _lib = lc._lib
 
@@ -35,7 +34,6 @@ _dev_buft = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_backend_de
 _buft_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_buft_name", _lib))
 
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
-KV_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -104,24 +102,6 @@ class TensorOverrides:
         return ctypes.addressof(self.array)
 
 
-def kv_type_id(kv_type: str | int) -> int:
-    """'q8_0' -> GGML_TYPE_Q8_0; ints pass through."""
-    if isinstance(kv_type, int):
-        return kv_type
-    name = str(kv_type).lower()
-    if name not in KV_TYPES:
-        raise UsageError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
-    return int(GGMLQuantizationType[name.upper()])
-
-
-_MODEL_KEYS = {"n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "vocab_only",
-               "use_extra_bufts", "check_tensors"}
-_CONTEXT_KEYS = {"n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "type_k", "type_v", "flash_attn",
-                 "offload_kqv", "op_offload", "swa_full", "rope_freq_base", "rope_freq_scale", "rope_scaling_type",
-                 "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "no_perf"}
-_IGNORED_KEYS = {"seed", "verbose", "chat_format", "numa", "last_n_tokens_size", "logits_all", "embedding"}
-
-
 @dataclass
 class NativeParams:
     """Filled llama.cpp parameter structs plus the ctypes objects they point into (kept alive here)."""
@@ -129,66 +109,47 @@ class NativeParams:
     model: Any
     context: Any
     n_batch: int
-    ignored: list[str] = field(default_factory=list)
     keep: list[Any] = field(default_factory=list)
 
 
-def build_params(kwargs: Mapping[str, Any], overrides: Sequence[tuple[str, str]] = ()) -> NativeParams:
-    """Translate `Llama(**kwargs)`-style settings to llama.cpp structs, with Llama's own defaults."""
+def build_params(settings: LoadSettings) -> NativeParams:
+    """llama.cpp's model and context parameter structs for these settings (llama.cpp's defaults elsewhere)."""
     mp = lc.llama_model_default_params()
     cp = lc.llama_context_default_params()
     keep: list[Any] = []
-    ignored = sorted(k for k in kwargs if k not in _MODEL_KEYS | _CONTEXT_KEYS)
-    unknown = [k for k in ignored if k not in _IGNORED_KEYS]
 
-    ngl = int(kwargs.get("n_gpu_layers", 0))
-    mp.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl
-    mp.split_mode = int(kwargs.get("split_mode", lc.LLAMA_SPLIT_MODE_LAYER))
-    mp.main_gpu = int(kwargs.get("main_gpu", 0))
-    split = kwargs.get("tensor_split")
-    if split:
+    mp.n_gpu_layers = 0x7FFFFFFF if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+    mp.split_mode = settings.split_mode_id
+    mp.main_gpu = settings.main_gpu
+    if settings.tensor_split:
         n_max = lc.llama_max_devices()
-        if len(split) > n_max:
-            raise EngineError(f"tensor_split has {len(split)} entries; this llama.cpp build supports {n_max} devices")
-        arr = (ctypes.c_float * n_max)(*[float(x) for x in split])
+        if len(settings.tensor_split) > n_max:
+            raise EngineError(f"tensor_split has {len(settings.tensor_split)} entries; this llama.cpp build "
+                              f"supports {n_max} devices")
+        arr = (ctypes.c_float * n_max)(*settings.tensor_split)
         keep.append(arr)
         mp.tensor_split = arr
-    mp.vocab_only = bool(kwargs.get("vocab_only", False))
-    for key in ("use_extra_bufts", "check_tensors"):
-        if kwargs.get(key) is not None:
-            setattr(mp, key, bool(kwargs[key]))
-    use_mmap, use_mlock = bool(kwargs.get("use_mmap", True)), bool(kwargs.get("use_mlock", False))
-    mp.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap and use_mlock else lc.LLAMA_LOAD_MODE_MLOCK
-                    if use_mlock else lc.LLAMA_LOAD_MODE_MMAP if use_mmap else lc.LLAMA_LOAD_MODE_NONE)
-    if overrides:
-        table = TensorOverrides(overrides)
+    mp.use_extra_bufts = settings.use_extra_bufts
+    mmap, mlock = settings.use_mmap, settings.use_mlock
+    mp.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mmap and mlock else lc.LLAMA_LOAD_MODE_MLOCK
+                    if mlock else lc.LLAMA_LOAD_MODE_MMAP if mmap else lc.LLAMA_LOAD_MODE_NONE)
+    if settings.tensor_overrides:
+        table = TensorOverrides(settings.tensor_overrides)
         keep.append(table)
         mp.tensor_buft_overrides = table.address
 
-    n_ctx = int(kwargs.get("n_ctx", 512))
-    n_batch = min(n_ctx, int(kwargs.get("n_batch", 512))) if n_ctx > 0 else int(kwargs.get("n_batch", 512))
-    cpus = os.cpu_count() or 1
+    n_ctx = settings.n_ctx
+    n_batch = min(n_ctx, settings.n_batch) if n_ctx > 0 else settings.n_batch
     cp.n_ctx = n_ctx
     cp.n_batch = n_batch
-    cp.n_ubatch = min(n_batch, int(kwargs.get("n_ubatch", 512)))
-    cp.n_threads = int(kwargs.get("n_threads") or max(cpus // 2, 1))
-    cp.n_threads_batch = int(kwargs.get("n_threads_batch") or cpus)
-    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if kwargs.get("flash_attn") else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    cp.offload_kqv = bool(kwargs.get("offload_kqv", True))
-    for key in ("type_k", "type_v"):
-        if kwargs.get(key) is not None:
-            setattr(cp, key, kv_type_id(kwargs[key]))
-    for key in ("op_offload", "swa_full", "no_perf"):
-        if kwargs.get(key) is not None:
-            setattr(cp, key, bool(kwargs[key]))
-    for key in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
-                "yarn_beta_slow"):
-        if kwargs.get(key) is not None:
-            setattr(cp, key, float(kwargs[key]))
-    for key in ("rope_scaling_type", "yarn_orig_ctx"):
-        if kwargs.get(key) is not None:
-            setattr(cp, key, int(kwargs[key]))
-    return NativeParams(model=mp, context=cp, n_batch=n_batch, ignored=unknown, keep=keep)
+    cp.n_ubatch = min(n_batch, settings.n_ubatch)
+    cp.n_threads = settings.n_threads
+    cp.n_threads_batch = settings.n_threads_batch
+    cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
+                          else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cp.offload_kqv = True
+    cp.type_k = cp.type_v = settings.kv_type_id
+    return NativeParams(model=mp, context=cp, n_batch=n_batch, keep=keep)
 
 
 class LogCapture:
@@ -252,4 +213,4 @@ class LogCapture:
 LOG = LogCapture()
 
 __all__ = ["LOG", "Device", "NativeParams", "TensorOverrides", "build_params", "devices", "init_backend",
-           "kv_type_id", "lc"]
+           "lc"]

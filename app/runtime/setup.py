@@ -1,17 +1,23 @@
-"""Getting ready to load: the model path, the offload plan, and the plan's kwargs with the user's flags applied.
+"""Getting ready to load: the model path, the offload plan, and the plan's load settings with the user's flags.
 
-Light on purpose (no llama_cpp, gguf or numpy at import): the CLI's shared flags build `EngineOptions`
-from here, and `corral --help` must not pay for loading llama.cpp.
+Light on purpose (no llama_cpp at import): the CLI's shared flags build `EngineOptions` from here, and
+`corral --help` must not pay for loading llama.cpp.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.convert.errors import InputNotFound, UsageError
+from corral.offload import memory
+from corral.offload.load_settings import LoadSettings, resolve_flash_attn
+
+if TYPE_CHECKING:
+    from corral.convert.gguf_file import GGUFModelFile
+    from corral.offload.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -21,11 +27,13 @@ class EngineOptions:
     n_ctx: int | None = None
     n_threads: int | None = None
     n_gpu_layers: int | None = None
-    kv_type: str = "f16"
+    kv_type: str | None = None
     force: bool = False
     verbose: bool = False
     use_mmap: bool | None = None
     use_mlock: bool | None = None
+    draft: str | None = None  # a draft model for speculative decoding (GGUF path or name)
+    draft_max: int = 8  # most tokens drafted per step
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -48,7 +56,7 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
-def make_plan(path: Path, options: EngineOptions, model_file: Any = None) -> Any:
+def make_plan(path: Path, options: EngineOptions, model_file: GGUFModelFile | None = None) -> Plan:
     """The planner's offload plan for `path` with the user's flags (--ctx 0 = the model's full context)."""
     from corral.offload.api import PlanOptions, plan_model
 
@@ -56,34 +64,31 @@ def make_plan(path: Path, options: EngineOptions, model_file: Any = None) -> Any
     if n_ctx == 0:
         n_ctx = int(model_file.arch_key("{arch}.context_length", 0) or 0) if model_file is not None else 0
     plan_options = PlanOptions(n_ctx=n_ctx or None, kv_type=options.kv_type or "f16", n_threads=options.n_threads,
-                               n_gpu_layers=options.n_gpu_layers)
+                               n_gpu_layers=options.n_gpu_layers, draft=str(resolve_model_path(options.draft)) if options.draft else None,
+                               draft_max=options.draft_max)
     return plan_model(path, plan_options)
 
 
-def effective_kwargs(plan: Any, options: EngineOptions) -> dict[str, Any]:
-    """The plan's `Llama(**kwargs)` with the user's flags applied on top."""
-    kwargs = dict(plan.llama_kwargs)
-    if getattr(plan, "use_extra_bufts", None) is not None:
-        kwargs.setdefault("use_extra_bufts", bool(plan.use_extra_bufts))  # CPU weight repacking
-    if options.n_ctx is not None:
-        kwargs["n_ctx"] = options.n_ctx
-    if options.n_threads is not None:
-        kwargs["n_threads"] = options.n_threads
-        kwargs["n_threads_batch"] = options.n_threads
-    if options.n_gpu_layers is not None:
-        kwargs["n_gpu_layers"] = options.n_gpu_layers
-    if options.use_mmap is not None:
-        kwargs["use_mmap"] = options.use_mmap
-    if options.use_mlock is not None:
-        kwargs["use_mlock"] = options.use_mlock
-    if options.kv_type and options.kv_type != "f16":
-        from corral.app.runtime.native import kv_type_id  # llama_cpp: loaded only when a model is
+def apply_options(settings: LoadSettings, options: EngineOptions) -> LoadSettings:
+    """The plan's load settings with the user's flags on top (a flag left at None keeps the plan's value).
 
-        kv_type_id(options.kv_type)  # validates the name
-        kwargs["type_k"] = kwargs["type_v"] = options.kv_type
-        kwargs["flash_attn"] = True  # llama.cpp needs flash attention for a quantized V cache
-    kwargs.setdefault("n_ctx", 4096)
-    return kwargs
+    --threads sets both thread counts; --kv-type turns flash attention on when the cache type needs it."""
+    changes: dict[str, Any] = {}
+    if options.n_ctx is not None:
+        changes["n_ctx"] = options.n_ctx
+    if options.n_threads is not None:
+        changes["n_threads"] = changes["n_threads_batch"] = options.n_threads
+    if options.n_gpu_layers is not None:
+        changes["n_gpu_layers"] = options.n_gpu_layers
+    if options.use_mmap is not None:
+        changes["use_mmap"] = options.use_mmap
+    if options.use_mlock is not None:
+        changes["use_mlock"] = options.use_mlock
+    if options.kv_type is not None:
+        kv_type = memory.kv_type(options.kv_type).name.lower()
+        changes["kv_type"] = kv_type
+        changes["flash_attn"] = resolve_flash_attn(kv_type, None, default=settings.flash_attn)
+    return replace(settings, **changes)
 
 
 def last_log_line(lines: Sequence[str]) -> str | None:
@@ -95,9 +100,8 @@ def last_log_line(lines: Sequence[str]) -> str | None:
     return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
-def does_not_fit_message(plan: Any) -> str:
-    advice = getattr(plan, "advice", ()) or ()
-    advice_text = advice if isinstance(advice, str) else " ".join(str(a).rstrip(".") + "." for a in advice)
-    reason = getattr(plan, "why", "") or getattr(plan, "headline", "") or "the plan says it needs more than RAM + VRAM + disk streaming can give"
-    return f"the model will not fit: {reason}. {advice_text} Pass --force to try anyway.".replace("..", ".").replace(".  ", ". ")
-
+def does_not_fit_message(plan: Plan) -> str:
+    """The refusal for a plan that does not fit: why, the plan's advice, and how to insist."""
+    advice = " ".join(a.rstrip(".") + "." for a in plan.advice)
+    reason = plan.why or plan.headline or "the plan says it needs more than RAM + VRAM + disk streaming can give"
+    return f"the model will not fit: {reason}. {advice} Pass --force to try anyway.".replace("..", ".").replace(".  ", ". ")

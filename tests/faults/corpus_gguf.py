@@ -199,6 +199,8 @@ def gguf_cases() -> list[Case]:
     long_name[1] = replace(long_name[1], name="blk.0." + "x" * 70)
     bad_block = small_llama_tensors()
     bad_block[3] = RawTensor("blk.0.ffn_up.weight", (33, 4), T.Q8_0, bytes(34 * 4))
+    f16_norm = small_llama_tensors()  # llama.cpp's CPU MUL aborts on an F16 norm (and its threads hang)
+    f16_norm[1] = RawTensor("blk.0.attn_norm.weight", (64,), T.F16, bytes(128))
     return [
         Case("empty", b"", r"not a GGUF file \(0 bytes\)"),
         Case("magic_only", b"GGUF", r"not a GGUF file"),
@@ -238,6 +240,11 @@ def gguf_cases() -> list[Case]:
         Case("absurd_block_count",
              small_gguf(kvs=_with_kv(KV("llama.block_count", V.UINT64, 1 << 40))).data,
              r"llama.block_count"),
+        Case("zero_block_count",  # GGML_ASSERT(n_layer_all > 0) in llama.cpp: abort()
+             small_gguf(kvs=_with_kv(KV("llama.block_count", V.UINT32, 0))).data, r"block_count is 0"),
+        Case("block_count_over_llama_max",
+             small_gguf(kvs=_with_kv(KV("llama.block_count", V.UINT32, 513))).data, r"1\.\.512"),
+        Case("norm_not_f32", small_gguf(tensors=f16_norm).data, r"attn_norm.*F16.*F32"),
         Case("split_count_without_split_name",
              small_gguf(kvs=_with_kv(KV("split.count", V.UINT16, 3))).data, r"shard 1 of 3"),
         Case("split_count_wrong_type",

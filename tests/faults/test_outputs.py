@@ -147,25 +147,42 @@ def test_quantize_enospc_mid_write_real(mini_gguf_bf16: Path, small_disk: Path, 
 # ----------------------------------------------------------------------- Ctrl-C and SIGTERM
 
 
-def _interrupt_when_temp_appears(argv: list[str], folder: Path, sig: signal.Signals, delay: float = 0.0
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _interrupt_when_temp_appears(argv: list[str], folder: Path, sig: signal.Signals, *, with_child: bool = False
                                  ) -> tuple[int, str, float]:
+    """Send `sig` once the output's temp file exists (with `with_child`: once the worker child that writes it
+    runs too); return (exit code, stderr, seconds from the signal to the exit). The deadlines are hang guards."""
     proc = subprocess.Popen([str(CORRAL), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "COLUMNS": "200"})
     deadline = time.monotonic() + 60
-    while not temp_leftovers(folder):
+    children: list[int] = []
+    while not temp_leftovers(folder) or (with_child and not children):
         if proc.poll() is not None or time.monotonic() > deadline:
             _, err = proc.communicate()
             pytest.fail(f"no temp file appeared before the command ended (rc={proc.returncode}): {err.decode()}")
         time.sleep(0.005)
-    time.sleep(delay)
+        if with_child:
+            children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert children or not with_child
     sent = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     took = time.monotonic() - sent
-    time.sleep(0.2)
-    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive, f"child processes left running after the interrupt: {alive}"
+    gone_by = time.monotonic() + 30
+    while _alive(children) and time.monotonic() < gone_by:
+        time.sleep(0.01)
+    assert not _alive(children), f"child processes left running after the interrupt: {_alive(children)}"
     return proc.returncode, err.decode(errors="replace"), took
 
 
@@ -186,7 +203,7 @@ def test_convert_interrupted(sig: signal.Signals, mini_checkpoint: Path, tmp_pat
 def test_quantize_interrupted(sig: signal.Signals, mini_gguf_f32: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     rc, err, took = _interrupt_when_temp_appears(["quantize", str(mini_gguf_f32), str(out), "--type", "Q4_K_M"],
-                                                 tmp_path, sig, delay=0.3)
+                                                 tmp_path, sig, with_child=True)
     assert rc == 130, err
     assert "Traceback" not in err and "interrupted" in err.lower()
     assert not out.exists() and not temp_leftovers(tmp_path)

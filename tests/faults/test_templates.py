@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_clean_failure, invoke
+from .conftest import invoke
 from .corpus_gguf import chat_template_gguf
 from .corpus_inputs import PWNED_MARKER, template_payloads
 
@@ -31,8 +31,8 @@ def payload_models(mini_gguf_bf16: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_formatter_contains_payload(payload: str, tmp_path: Path) -> None:
-    from corral.app.runtime.chat_format import ChatFormatter, builtin_llama3_prompt
     from corral.app.runtime.api import Message
+    from corral.app.runtime.chat_format import ChatFormatter, builtin_llama3_prompt
 
     messages = [Message("user", "hello")]
     formatter = ChatFormatter(template_payloads(tmp_path)[payload])
@@ -53,13 +53,14 @@ def test_ask_survives_hostile_template(payload: str, payload_models: tuple[Path,
     assert not (marker_dir / PWNED_MARKER).exists(), "template code escaped the sandbox"
     assert elapsed < 60, f"took {elapsed:.0f} s: the template was not stopped"
     assert result.exception is None, f"{type(result.exception).__name__}: {result.exception}"
-    if result.exit_code == 0:  # fell back to the built-in Llama 3 format, with a warning
-        assert result.stdout.strip(), "no reply printed"
-        warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
-        assert any("template" in w and "built-in" in w for w in warnings), result.stderr
-        assert "Traceback" not in result.stderr
-    else:  # or refused with one clear line
-        assert_clean_failure(result, names=None, expect=r"template")
+    # the one outcome: the built-in Llama 3 format replaces the template, with one warning, and the reply comes
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip(), "no reply printed"
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len([w for w in warnings if "template" in w]) == 1, result.stderr
+    assert any("template" in w and "built-in" in w for w in warnings), result.stderr
+    assert not [ln for ln in result.stderr.splitlines() if ln.startswith("error:")], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_normal_template_gives_no_warning(mini_gguf_bf16: Path) -> None:

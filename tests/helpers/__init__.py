@@ -1,1 +1,1 @@
-"""Helpers shared by the tests: fake engine, tiny GGUF builders."""
+"""Helpers shared by the tests (and by bench/): fake engine, tiny GGUF builders, llama.cpp references."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import gguf
 import numpy as np
 
 from corral.convert import llama3_tokenizer
+from corral.offload.plan import Plan
+from tests.helpers.plans import make_plan
 
 
 @lru_cache(maxsize=1)
@@ -32,18 +33,22 @@ def _vocab() -> tuple[list[str], list[int], list[str]]:
 def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.LLAMA3_CHAT_TEMPLATE,
                     hidden: int = 64, n_layers: int = 2, n_heads: int = 2, n_kv_heads: int = 1, ffn: int = 128,
                     seed: int = 0, context_length: int = 8192, name: str = "Tiny Llama 3",
-                    dominant_token: int | None = None) -> Path:
+                    dominant_token: int | None = None, extra_layers: int = 0, extra_scale: float = 0.0,
+                    layer_dtype: type = np.float32) -> Path:
     """Write a llama-architecture GGUF with the real Llama 3 tokenizer and `chat_template`.
 
     With `dominant_token`, every embedding carries a large constant in dimension 0, the layers
     barely touch the residual stream, and that token's output row reads dimension 0: the model
     then always predicts `dominant_token` (used to make a model that ends its turn at once).
+    `extra_layers` appends layers whose output projections (attn_output, ffn_down) are scaled by
+    `extra_scale`: at 0 they leave the residual stream alone, so the model computes exactly the
+    function of the same seed without them (a heavier target that a draft always agrees with).
     """
     tokens, types, merges = _vocab()
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_block_count(n_layers)
+    w.add_block_count(n_layers + extra_layers)
     w.add_context_length(context_length)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
@@ -78,16 +83,17 @@ def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.
         output[dominant_token, :] = 0.0
         output[dominant_token, 0] = 50.0
     w.add_tensor("token_embd.weight", embd)
-    for i in range(n_layers):
+    for i in range(n_layers + extra_layers):
+        scale = layer_scale if i < n_layers else extra_scale
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", mat(hidden, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.attn_k.weight", mat(kv, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.attn_output.weight", mat(hidden, hidden, np.float32) * layer_scale)
+        w.add_tensor(f"blk.{i}.attn_q.weight", mat(hidden, hidden, layer_dtype))
+        w.add_tensor(f"blk.{i}.attn_k.weight", mat(kv, hidden, layer_dtype))
+        w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, hidden, layer_dtype))
+        w.add_tensor(f"blk.{i}.attn_output.weight", (mat(hidden, hidden, np.float32) * scale).astype(layer_dtype))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(ffn, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(ffn, hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(hidden, ffn, np.float32) * layer_scale)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(ffn, hidden, layer_dtype))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(ffn, hidden, layer_dtype))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", (mat(hidden, ffn, np.float32) * scale).astype(layer_dtype))
     w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     w.add_tensor("output.weight", output)
     w.write_header_to_file()
@@ -97,24 +103,10 @@ def write_tiny_gguf(path: Path, *, chat_template: str | None = llama3_tokenizer.
     return path
 
 
-@dataclass(frozen=True)
-class CpuPlan:
-    """A hand-made plan (the planner's contract) for tests that need exact control."""
-
-    llama_kwargs: dict[str, Any]
-    fits: bool = True
-    tensor_overrides: tuple[tuple[str, str], ...] = ()
-    advice: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    headline: str = "test plan"
-    devices: tuple[Any, ...] = ()
-
-
-def cpu_plan(**kw: Any) -> CpuPlan:
-    """One thread, no GPU, a 1024-token context; `llama_kwargs=` entries and plan fields override."""
-    kwargs = {"n_ctx": 1024, "n_threads": 1, "n_threads_batch": 1, "n_gpu_layers": 0}
-    kwargs.update(kw.pop("llama_kwargs", {}))
-    return CpuPlan(llama_kwargs=kwargs, **kw)
+def cpu_plan(**changes: Any) -> Plan:
+    """The planner's plan for the tiny model on a CPU-only test machine: one thread, no GPU, a 1024-token
+    context; `changes` name Plan or LoadSettings fields to replace (see tests.helpers.plans.make_plan)."""
+    return make_plan(**changes)
 
 
 _CACHE: dict[str, Path] = {}
