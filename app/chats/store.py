@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.app import locations
+from corral.app.chats.kv_states import KV_FOLDER, KVStateStore
+from corral.app.runtime.api import GenerationStats, Message
 from corral.convert.atomic import atomic_output
 from corral.convert.errors import StoreError
-
-from corral.app import locations
-from corral.app.runtime.api import GenerationStats, Message
 
 SCHEMA_VERSION = 1
 STORE_FILENAME = "chat.sqlite3"
@@ -255,9 +255,23 @@ class ChatStore:
         return Conversation(int(row[0]), row[1], row[2], row[3], float(row[4]), float(row[5]), messages)
 
     def delete_conversation(self, conversation_id: int) -> None:
+        """Delete the conversation, its messages and its saved KV state."""
         with self._guard(), self._transaction() as db:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        self.kv_states.delete(conversation_id)
+
+    @property
+    def kv_states(self) -> KVStateStore:
+        """The conversations' saved KV caches, in `kv/` beside the store file."""
+        return KVStateStore(self.path.parent / KV_FOLDER)
+
+    def last_conversation_id(self) -> int:
+        """The most recently updated conversation; StoreError when there is none."""
+        rows = self.list_conversations()
+        if not rows:
+            raise StoreError("no saved conversation to continue (start one with --save)", path=self.path)
+        return rows[0].id
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         with self._guard(), self._transaction() as db:
