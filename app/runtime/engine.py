@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from corral.app.runtime import state
+from corral.app.runtime import state, streaming
 from corral.app.runtime.api import (
     FitResult,
     Generation,
@@ -32,19 +32,19 @@ from corral.app.runtime.api import (
 )
 from corral.app.runtime.chat_format import LLAMA3_STOP_TEXTS, ChatFormatter, TemplateRaised, drop_oldest_turns
 from corral.app.runtime.draft import attach_draft, check_draft
+from corral.app.runtime.loading import open_model
 from corral.app.runtime.native import LOG, build_params, init_backend
 from corral.app.runtime.native import lc as _lc
 from corral.app.runtime.setup import (
     EngineOptions,
     apply_options,
     does_not_fit_message,
-    last_log_line,
     make_plan,
     resolve_model_path,
 )
 from corral.app.runtime.tools import PYTHON_TAG, ToolSet
 from corral.app.runtime.vocab import Vocab
-from corral.convert.errors import Cancelled, ContextOverflow, DoesNotFit, EngineError, UsageError
+from corral.convert.errors import ContextOverflow, DoesNotFit, EngineError, UsageError
 from corral.convert.gguf_file import GGUFModelFile, read_gguf
 from corral.convert.llama_family import EOM_TEXT
 from corral.offload.load_settings import LoadSettings
@@ -81,48 +81,22 @@ def load_engine(
     LOG.install()
     LOG.verbose = options.verbose
     native = build_params(settings)
+    streamer = streaming.for_plan(plan, model_file, settings)  # weights beyond RAM stream ahead of compute
+    if streamer is not None:
+        native.context.cb_eval = streamer.callback
 
-    failure: list[BaseException] = []
-
-    def on_progress(value: float, _user: Any) -> bool:
-        if cancel is not None and cancel.is_set():
-            return False
-        try:
-            if progress is not None:
-                progress(float(value))
-        except BaseException as exc:  # noqa: BLE001 - never let an exception cross into C
-            failure.append(exc)
-            return False
-        return True
-
-    callback = _lc.llama_progress_callback(on_progress)
-    native.model.progress_callback = callback
-    with LOG.collect() as load_log:
-        model = _lc.llama_model_load_from_file(str(path).encode("utf-8"), native.model)
-    if not model:
-        if failure:
-            raise failure[0]
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("model loading cancelled", path=path)
-        detail = last_log_line(load_log) or "see --verbose for llama.cpp's log"
-        raise EngineError(f"llama.cpp could not load the model: {detail}", path=path)
-    try:
-        if native.context.n_ctx == 0:
-            native.context.n_ctx = _lc.llama_model_n_ctx_train(model)
-            native.context.n_batch = min(native.context.n_ctx, native.context.n_batch)
-            native.n_batch = native.context.n_batch
-        with LOG.collect() as ctx_log:
-            ctx = _lc.llama_init_from_model(model, native.context)
-        if not ctx:
-            detail = last_log_line(ctx_log) or "out of memory?"
-            raise EngineError(f"llama.cpp could not create a {native.context.n_ctx}-token context: {detail}", path=path)
-    except BaseException:
-        _lc.llama_model_free(model)
-        raise
+    model, ctx, load_log = open_model(path, native, progress=progress, cancel=cancel)
     # the engine owns model and context from here on (it frees them itself if its setup fails)
     engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, settings=settings,
-                         load_log=load_log + ctx_log)
+                         load_log=load_log)
     engine.warnings.extend(plan.warnings)
+    engine.streamer = streamer
+    if streamer is not None:
+        try:
+            streamer.start()
+        except BaseException:
+            engine.close()
+            raise
     if draft is not None:
         attach_draft(engine, options, *draft, cancel=cancel)
     return engine
@@ -182,6 +156,7 @@ class LlamaEngine:
         self.last_completion_tokens: list[int] = []
         self.last_stop_token: int | None = None
         self.speculator: Any = None  # a `speculative.Speculator` when a draft model is attached
+        self.streamer: streaming.Streamer | None = None  # set by load_engine when weights stream from disk
 
     @property
     def llama_kwargs(self) -> dict[str, Any]:
@@ -398,6 +373,9 @@ class LlamaEngine:
             if self._model is not None:
                 _lc.llama_model_free(self._model)
                 self._model = None
+            if self.__dict__.get("streamer") is not None:
+                self.streamer.close()
+                self.streamer = None
 
     def __enter__(self) -> LlamaEngine:
         return self
