@@ -170,7 +170,7 @@ def _build(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement, sp
         tokens_per_second=speed.tokens_per_second, prompt_tokens_per_second=speed.prompt_tokens_per_second,
         disk_stream_bytes=p.disk_stream_bytes, devices=p.devices, warnings=tuple(dict.fromkeys(warnings)),
         advice=tuple(advice), headline=_headline(profile, p, speed), hardware_source=hw.source,
-        time_per_token=speed.seconds_by_tier,
+        ram_limit=hw.ram_limit, time_per_token=speed.seconds_by_tier,
     )
 
 
@@ -194,9 +194,13 @@ def _headline(profile: ModelProfile, p: Placement, speed: throughput.Speed) -> s
 def _warnings(profile: ModelProfile, hw: Hardware, p: Placement, speed: throughput.Speed) -> list[str]:
     out = []
     if p.disk_stream_bytes:
-        sec = p.disk_stream_bytes / hw.disk_bandwidth
+        sec = throughput.disk_read_seconds(p.disk_stream_bytes, hw)
+        cpu = next(d for d in p.devices if d.kind == "cpu")
+        plain = throughput.mmap_read_bytes(cpu.weights_bytes - cpu.repack_bytes + p.disk_stream_bytes,
+                                           cpu.weights_bytes - cpu.repack_bytes)
         out.append(f"{human(p.disk_stream_bytes)} of weights do not fit in RAM and will be read from disk for "
-                   f"EVERY token (~{sec:.1f} s per token at {hw.disk_bandwidth / 1e9:.1f} GB/s)")
+                   f"EVERY token (~{sec:.1f} s per token at {hw.disk_bandwidth / 1e9:.1f} GB/s, read ahead of "
+                   f"compute by corral; plain mmap, e.g. llama-cli, reads ~{human(plain)} per token)")
     if p.swap_bytes:
         out.append(f"{human(p.swap_bytes)} beyond available RAM would go to swap: expect heavy slowdowns")
     if not p.fits:

@@ -15,6 +15,7 @@ from corral.convert.units import GiB
 
 from .cpu_rates import CpuRates, rates_from_json
 from .gpus import GPUSpec, find_gpu
+from .memlimit import cgroup_memory_limit
 
 # Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
 DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read
@@ -57,6 +58,7 @@ class Hardware:
     absent_cpu_buffers: frozenset[str] = frozenset()  # ... that this llama.cpp build does not create here
     cpu_rates: CpuRates | None = None  # llama.cpp's CPU decode rates (None: typical values)
     measure_cpu: bool = False  # detected with measuring on: plan_model may time the CPU kernels it needs
+    ram_limit: str = "machine"  # what bounds ram_total: "machine", "cgroup v1 /path", "cgroup v2 /path", "--ram"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -207,10 +209,12 @@ def detect_hardware(model_path: str | Path | None = None, *, measure: bool = Tru
     where = Path(model_path) if model_path else Path.cwd()
     disk_free = _disk_free(where)
     bw = measure_bandwidth(where, cache=cache) if measure else cached_bandwidth(where, cache=cache)
+    total, available, limit = int(vm.total), int(vm.available), cgroup_memory_limit()
     return Hardware(
         gpus=probe_gpus(),
-        ram_total=int(vm.total),
-        ram_available=int(vm.available),
+        ram_total=min(total, limit.limit) if limit else total,
+        ram_available=min(available, limit.available) if limit else available,
+        ram_limit=limit.source if limit and limit.limit < total else "machine",
         swap_total=int(sw.total),
         swap_free=int(sw.free),
         cpu_cores=int(cores),
@@ -387,7 +391,7 @@ def what_if(base: Hardware, *, gpus: list[GPUSpec] | None = None, ram: int | Non
         if ram <= 0:
             raise UsageError("--ram must be positive")
         # what the OS and desktop keep for themselves: ~8% (at least 1 GiB)
-        hw = replace(hw, ram_total=ram, ram_available=max(ram - max(GiB, ram // 12), ram // 2))
+        hw = replace(hw, ram_total=ram, ram_available=max(ram - max(GiB, ram // 12), ram // 2), ram_limit="--ram")
         changed = True
     if disk_read is not None:
         hw = replace(hw, disk_bandwidth=disk_read)

@@ -66,6 +66,7 @@ class Plan:
     advice: tuple[str, ...]
     headline: str
     hardware_source: str = "detected"
+    ram_limit: str = "machine"  # what bounds the RAM the plan uses (Hardware.ram_limit)
     time_per_token: dict[str, float] = field(default_factory=dict)  # seconds by tier
     draft: Plan | None = None  # the draft model's own plan (speculative decoding)
     speculative: Any = None  # offload.speculation.SpeculativeEstimate with a draft
@@ -141,6 +142,7 @@ class Plan:
             "prompt_tokens_per_second": self.prompt_tokens_per_second, "disk_stream_bytes": self.disk_stream_bytes,
             "devices": [d.to_json() for d in self.devices], "warnings": list(self.warnings),
             "advice": list(self.advice), "headline": self.headline, "hardware_source": self.hardware_source,
+            "ram_limit": self.ram_limit,
             "time_per_token": dict(self.time_per_token),
             **({"draft": self.draft.to_json(), "speculative": self.speculative.to_json()} if self.draft else {}),
         }

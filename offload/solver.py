@@ -273,20 +273,22 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
     else:
         cpu_comp = memory.host_compute_bytes(profile, s.n_ubatch)
     out_buf = memory.output_buffer_bytes(profile)
-    cpu_over = memory.PROCESS_OVERHEAD + out_buf + memory.ram_margin(hw.ram_total)
+    # inside a memory cgroup the limit is this group's alone: no room to leave for the rest of the machine
+    margin = hw.ram_total // 32 if hw.ram_limit.startswith("cgroup") else memory.ram_margin(hw.ram_total)
+    cpu_over = memory.PROCESS_OVERHEAD + out_buf + margin
     anon = extra + cpu_kv + cpu_comp + cpu_over
     mapped = bufs["mapped_used"]
     room = hw.ram_available - anon
     swap = max(0, -room)
     resident = max(0, min(mapped, room))
-    streamed = mapped - resident
+    embd_cpu = c.embd if any(t.kind == "embd" for t in cpu_tensors) else 0
+    streamed = max(0, mapped - embd_cpu - max(0, room))  # a token reads one row of the embedding: it may page
     devices.append(DevicePlan("CPU", "cpu", hw.cpu_name, resident + extra, cpu_kv, cpu_comp, cpu_over,
                               hw.ram_available, hw.ram_bandwidth, cpu_layers, 0, bufs["CPU_REPACK"], out_buf,
                               bufs["CPU_Mapped"], bufs["AMX"]))
     if streamed:
-        devices.append(DevicePlan("disk", "disk", "mmap, read again for every token", streamed, 0, 0, 0,
+        devices.append(DevicePlan("disk", "disk", "streamed ahead of compute, every token", streamed, 0, 0, 0,
                                   profile.file_bytes, hw.disk_bandwidth))
-    embd_cpu = c.embd if any(t.kind == "embd" for t in cpu_tensors) else 0
     cpu_read = max(0, mapped - embd_cpu - streamed) + extra
 
     why = ""

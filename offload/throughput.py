@@ -21,7 +21,11 @@ GPU_TOKEN_PER_LAYER_S = 1.5e-5
 CPU_FLOPS_PER_THREAD = 30e9
 PP_PER_TOKEN_S = 1.0e-4  # embeddings, norms, rope, attention of short prompts
 GPU_FLOPS_PER_BYTE_PER_S = 80.0
-PCIE_BANDWIDTH = 20e9  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
+PCIE_BANDWIDTH = 20e9
+STREAM_READ_OVERHEAD = 1.03  # measured: 766 MB read per token for 749 MB streamed (bench_streaming)
+# Measured with bench_streaming (F16, 0.93 GiB read per token, room = cgroup limit - ~0.15 GiB anonymous):
+# raw mmap kept 0.21 of 0.75, 0.09 of 0.44 and 0.06 of 0.24 GiB across a token's sweep: about a quarter of the room.
+MMAP_KEPT_FRACTION = 0.25  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,11 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
         cpu_layers = cpu.layers + sum(d.attn_layers for d in gpus)
         tiers["CPU"] = max(memory_s, compute_s) + cpu_layers * over.per_layer_s
     if p.disk_stream_bytes:
-        tiers["disk"] = p.disk_stream_bytes / hw.disk_bandwidth
+        # corral's streaming engine reads the streamed layers ahead while the CPU multiplies the others: the CPU
+        # multiplies the streamed weights too, and the disk costs only the time compute does not hide
+        streamed_s = p.disk_stream_bytes / cpu_bytes_per_s(profile, rates, threads)
+        tiers["CPU"] = tiers.get("CPU", 0.0) + streamed_s
+        tiers["disk"] = max(0.0, disk_read_seconds(p.disk_stream_bytes, hw) - tiers["CPU"])
     tiers["fixed"] = over.fixed_s + over.per_vocab_s * profile.n_vocab
     per_token = sum(tiers.values())
 
@@ -96,6 +104,22 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     pp_disk = (p.disk_stream_bytes / hw.disk_bandwidth) / max(1, p.settings.n_ubatch)
     pp = PP_PER_TOKEN_S + gpu_s + pp_cpu + pp_disk + over.per_layer_s * profile.n_layer / max(1, p.settings.n_ubatch)
     return Speed(1.0 / per_token, 1.0 / pp if pp > 0 else 0.0, tiers)
+
+
+def disk_read_seconds(streamed: int, hw: Hardware) -> float:
+    """Seconds per token to read the streamed weights: what the streaming engine reads (the streamed part, plus
+    ~3% the kernel's fault read-ahead fetches at the edges, measured) at the disk's cold sequential speed."""
+    return streamed * STREAM_READ_OVERHEAD / hw.disk_bandwidth
+
+
+def mmap_read_bytes(per_token: int, room: int) -> int:
+    """Bytes plain mmap (llama.cpp without corral's streaming) reads from disk per token when `per_token` bytes
+    of weights are swept once per token through `room` bytes of page cache. A cyclic sweep larger than an LRU
+    cache misses on every page; the kernel's active list shields only part of the room from the sweep.
+    MMAP_KEPT_FRACTION is that part, measured (bench/bench_streaming.py, BENCHMARKS.md)."""
+    if per_token <= room:
+        return 0
+    return int(per_token - MMAP_KEPT_FRACTION * max(0, room))
 
 
 def _layer_fraction(profile: ModelProfile) -> float:

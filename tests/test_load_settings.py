@@ -118,7 +118,7 @@ def test_plan_holds_its_load_settings_and_keeps_its_json_keys() -> None:
         "n_gpu_layers", "n_layers", "kv_type", "flash_attn", "n_batch", "n_ubatch", "n_threads", "use_extra_bufts",
         "tensor_split", "tensor_overrides", "llama_kwargs", "llama_cli_args", "tokens_per_second",
         "prompt_tokens_per_second", "disk_stream_bytes", "devices", "warnings", "advice", "headline",
-        "hardware_source", "time_per_token"]
+        "hardware_source", "ram_limit", "time_per_token"]
     assert data["llama_kwargs"] == plan.llama_kwargs and data["hardware_source"] == CPU_MACHINE.source
     changed = make_plan(fits=False, tensor_overrides=(("output\\.weight", "CPU"),), advice=["x"])
     assert not changed.fits and changed.advice == ("x",) and changed.tensor_overrides == (("output\\.weight", "CPU"),)

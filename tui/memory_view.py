@@ -35,6 +35,8 @@ class LiveUsage:
     rss_bytes: int
     gpus: tuple[GpuUsage, ...] = ()
     nvml: bool = False
+    disk_read_per_token: int | None = None  # the streamed tier, measured over the last token
+    disk_read_speed: float | None = None  # bytes/s
 
 
 _nvml_state: dict[str, Any] = {}
@@ -55,7 +57,18 @@ def _nvml() -> Any | None:
 
 def probe_live_usage() -> LiveUsage:
     """This process's RSS and, when NVML works, each GPU's used memory (and this process's share)."""
+    from dataclasses import replace
+
+    from corral.app.runtime.streaming import live_stats
+
     proc = psutil.Process()
+    stream = live_stats()
+    streamed = {"disk_read_per_token": stream.read_per_token, "disk_read_speed": stream.read_speed} if (
+        stream is not None and stream.read_per_token) else {}
+    return replace(_probe(proc), **streamed)
+
+
+def _probe(proc: psutil.Process) -> LiveUsage:
     rss = proc.memory_info().rss
     nv = _nvml()
     if nv is None:
@@ -140,6 +153,9 @@ def render_memory(plan: Plan | None, live: LiveUsage) -> Group:
             now = f"{_b(live.rss_bytes)} RSS"
         else:
             now = "read via mmap" if device.weights_bytes else "—"
+            if live.disk_read_per_token is not None:
+                speed = f" at {live.disk_read_speed / 1e9:.2f} GB/s" if live.disk_read_speed else ""
+                now = f"{_b(live.disk_read_per_token)} read per token{speed} (streamed ahead of compute)"
         table.add_row(
             Text(device.name),
             _b(device.weights_bytes),

@@ -104,6 +104,10 @@ def _b(n: int) -> str:
     return format_bytes(n) if n else "-"
 
 
+def _limit(source: str) -> str:
+    return {"machine": "the machine's", "--ram": "--ram"}.get(source, f"limit of {source}")
+
+
 def _tps(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 0.1 else f"{x:.3f}"
 
@@ -141,7 +145,8 @@ def show(p: Plan, hw: Hardware) -> None:
                   f"~{_tps(p.tokens_per_second)} tok/s generation, ~{_tps(p.prompt_tokens_per_second)} tok/s prompt")
     labels = ", ".join(f"{d.name}: {d.label}" for d in p.devices)
     console.print(Text(labels, style="dim"))
-    console.print(Text(f"hardware: {hw.source}; file {format_bytes(p.file_bytes)} ({p.quant})", style="dim"))
+    console.print(Text(f"hardware: {hw.source}; RAM {format_bytes(hw.ram_total)} ({_limit(hw.ram_limit)}); "
+                       f"file {format_bytes(p.file_bytes)} ({p.quant})", style="dim"))
     for w in p.warnings:
         ui.warn(w)
     for a in p.advice:

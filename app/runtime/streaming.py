@@ -1,0 +1,417 @@
+"""Weights larger than memory: a fixed resident set stays in the page cache, the rest streams ahead of compute.
+
+Under plain mmap the kernel's LRU sees one sweep over the whole file per token, evicts pages that are needed
+again soon and reads more than the missing part. Here the plan's resident share is locked (`mlock` through our
+own read-only mapping of the file: the same page-cache pages llama.cpp maps), or, where the lock is refused,
+kept hot with `WILLNEED` once per token. The streamed layers are read ahead in the order the graph consumes
+them by a prefetch thread that llama.cpp's eval callback keeps informed (the callback asks for one node per
+layer, `attn_norm-<i>`, and `result_norm` for the output head), and each is dropped from the page cache once
+used, so streaming never pushes the resident set out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.convert.gguf_file import GGUFTensor
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MADV_SEQUENTIAL, MADV_DONTNEED = 2, 4
+PROT_READ, MAP_SHARED = 1, 1
+WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes [start, end) of one file."""
+
+    file: Path
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one step of the graph reads: layer `index`, or the output head (index = n_layer)."""
+
+    index: int
+    spans: tuple[Span, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.end - s.start for s in self.spans)
+
+
+@dataclass(frozen=True)
+class StreamSets:
+    """Which units stay resident and which stream (both in the order the graph reads them)."""
+
+    resident: tuple[Unit, ...]
+    streamed: tuple[Unit, ...]
+    window: int  # bytes read ahead of compute at most
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(u.nbytes for u in self.resident)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(u.nbytes for u in self.streamed)
+
+
+def units_of(tensors: Sequence[GGUFTensor], n_layer: int) -> list[Unit]:
+    """Per layer and for the output head, the byte spans read for every token (adjacent tensors merged).
+    The token embedding is left out: a token reads one row of it."""
+    spans: dict[int, list[Span]] = {}
+    for t in tensors:
+        if t.name.startswith("token_embd") or t.name.startswith("rope_freqs"):
+            continue
+        m = _LAYER.match(t.name)
+        index = int(m.group(1)) if m else n_layer
+        spans.setdefault(index, []).append(Span(Path(t.file), t.offset, t.offset + t.nbytes))
+    units = []
+    for index in sorted(spans):
+        merged: list[Span] = []
+        for s in sorted(spans[index], key=lambda s: (str(s.file), s.start)):
+            if merged and merged[-1].file == s.file and s.start - merged[-1].end < PAGE:
+                merged[-1] = Span(s.file, merged[-1].start, max(merged[-1].end, s.end))
+            else:
+                merged.append(s)
+        units.append(Unit(index, tuple(merged)))
+    return units
+
+
+def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
+    """Stream at least `stream_bytes` + `window` (the read-ahead needs room too), spread evenly over the
+    token so the disk is busy while resident layers compute."""
+    total = sum(u.nbytes for u in units)
+    want = min(total, stream_bytes + window)
+    frac = want / total if total else 0.0
+    streamed: list[Unit] = []
+    done = seen = 0
+    for u in units:
+        seen += u.nbytes
+        if done < want and done + u.nbytes / 2 <= frac * seen:
+            streamed.append(u)
+            done += u.nbytes
+    for u in reversed(units):  # short (big units): stream more from the end
+        if done >= want:
+            break
+        if u not in streamed:
+            streamed.append(u)
+            done += u.nbytes
+    chosen = {u.index for u in streamed}
+    return StreamSets(tuple(u for u in units if u.index not in chosen),
+                      tuple(u for u in units if u.index in chosen), window)
+
+
+def _round_in(start: int, end: int) -> tuple[int, int]:
+    return -(-start // PAGE) * PAGE, end // PAGE * PAGE
+
+
+def _round_out(start: int, end: int) -> tuple[int, int]:
+    return start // PAGE * PAGE, -(-end // PAGE) * PAGE
+
+
+def _read_bytes() -> int:
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path, int]:
+    """Where llama.cpp mapped each file (the whole file from offset 0), from /proc/self/maps."""
+    if maps is None:
+        maps = Path("/proc/self/maps").read_text()
+    want = {os.stat(f).st_ino: Path(f) for f in files}
+    best: dict[Path, tuple[int, int]] = {}
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[2] != "00000000" or not parts[4].isdigit():
+            continue
+        path = want.get(int(parts[4]))
+        if path is None:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if hi - lo > best.get(path, (0, 0))[1]:
+            best[path] = (lo, hi - lo)
+    return {p: lo for p, (lo, _) in best.items()}
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """The streamed tier as measured over the last token."""
+
+    read_per_token: int
+    read_speed: float  # bytes/s over the last token
+    resident_locked: bool
+    resident_bytes: int
+    streamed_bytes: int
+
+
+_active: list[Streamer] = []  # the streamers of loaded engines, for live views (the chat's memory view)
+
+
+def live_stats() -> StreamStats | None:
+    """The measured streamed tier of the most recently started streamer (None: nothing streams)."""
+    return _active[-1].stats if _active else None
+
+
+class Streamer:
+    """Owns the resident lock, the prefetch thread and the eval callback for one loaded model."""
+
+    def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True) -> None:
+        from llama_cpp import llama_cpp as lc
+
+        self.units, self.n_layer, self._want_lock = tuple(units), n_layer, lock
+        self._choose(stream_bytes)
+        self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
+        self._markers[b"result_norm"] = n_layer
+        self._get_name = _ggml_get_name()
+        self.callback = lc.ggml_backend_sched_eval_callback(self._on_eval)
+        self._cond = threading.Condition()
+        self._pos: int | None = None
+        self.positions = 0  # layer boundaries the eval callback reported
+        self._stop = False
+        self._fetched: dict[int, int] = {}  # streamed unit -> bytes read ahead so far
+        self._fds: dict[Path, int] = {}
+        self._own: list[tuple[int, int]] = []  # our mappings (address, length)
+        self._llama: dict[Path, int] = {}
+        self.locked = False
+        self._thread: threading.Thread | None = None
+        self._last: tuple[float, int] | None = None
+        self.stats = StreamStats(0, 0.0, False, self.sets.resident_bytes, self.sets.streamed_bytes)
+
+    def _choose(self, stream_bytes: int) -> None:
+        self.sets = choose(self.units, stream_bytes, window_for(self.units))
+        self._order = sorted(u.index for u in self.sets.streamed)
+        self._by_index = {u.index: u for u in self.sets.streamed}
+
+    def describe(self) -> dict[str, Any]:
+        return {"resident_bytes": self.sets.resident_bytes, "streamed_bytes": self.sets.streamed_bytes,
+                "window": self.sets.window, "locked": self.locked, "streamed_units": self._order}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """After llama.cpp mapped the model: lock the resident set, find llama.cpp's mappings, start."""
+        measured = measured_stream_bytes(self.units, window_for(self.units))
+        if measured is not None:
+            self._choose(measured)
+        files = {s.file for u in self.units for s in u.spans}
+        for f in files:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        self._llama = llama_mappings(sorted(files))
+        self.locked = self._lock_resident() if self._want_lock else False
+        if not self.locked:
+            self._keep_hot()
+        for u in self.sets.streamed:  # what llama.cpp's load left in the cache is not ours to keep
+            self._evict(u)
+            self._advise(u, MADV_SEQUENTIAL)  # a fault reads ahead only, never back into what was dropped
+        self._thread = threading.Thread(target=self._run, name="corral-prefetch", daemon=True)
+        self._thread.start()
+        _active.append(self)
+
+    def _lock_resident(self) -> bool:
+        for f, fd in self._fds.items():
+            size = os.fstat(fd).st_size
+            addr = _libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return False
+            self._own.append((addr, size))
+            for u in self.sets.resident:
+                for s in u.spans:
+                    if s.file != f:
+                        continue
+                    lo, hi = _round_out(s.start, s.end)
+                    if _libc.mlock(addr + lo, hi - lo) != 0:
+                        self._unmap()  # unlocks what was locked
+                        return False
+        return True
+
+    def _unmap(self) -> None:
+        for addr, size in self._own:
+            _libc.munmap(addr, size)
+        self._own.clear()
+
+    def _keep_hot(self) -> None:
+        for u in self.sets.resident:
+            for s in u.spans:
+                os.posix_fadvise(self._fds[s.file], s.start, s.end - s.start, os.POSIX_FADV_WILLNEED)
+
+    # -- the graph's position ------------------------------------------------------------------
+    def _on_eval(self, tensor: int, ask: bool, _user: Any) -> bool:
+        try:  # nothing may escape into C: False on the second call would stop the graph
+            unit = self._markers.get(self._get_name(tensor) or b"")
+            if ask:
+                return unit is not None
+            if unit is not None:
+                self.positions += 1
+                with self._cond:
+                    self._pos = unit
+                    self._cond.notify()
+        except BaseException:  # noqa: BLE001
+            return not ask
+        return True
+
+    def _run(self) -> None:
+        seen: int | None = None
+        while True:
+            with self._cond:
+                while not self._stop and self._pos == seen:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                before, seen = seen, self._pos
+            assert seen is not None
+            if before is not None and seen < before:  # the graph started over: a new token
+                self._token_boundary()
+            self._follow(seen)
+
+    def _token_boundary(self) -> None:
+        now = (time.perf_counter(), _read_bytes())
+        if self._last is not None:
+            dt, nbytes = now[0] - self._last[0], now[1] - self._last[1]
+            self.stats = StreamStats(nbytes, nbytes / dt if dt > 0 else 0.0, self.locked,
+                                     self.sets.resident_bytes, self.sets.streamed_bytes)
+        self._last = now
+        if not self.locked:
+            self._keep_hot()
+
+    def _follow(self, pos: int) -> None:
+        """Drop streamed units already used; read ahead the next ones (cyclically) as far as the window
+        holds. A unit bigger than the window is read ahead in part: faults read the rest sequentially."""
+        n = self.n_layer + 1
+        ahead: list[tuple[int, int]] = []
+        budget = self.sets.window
+        for index in sorted(self._order, key=lambda i: (i - pos) % n):
+            if budget <= 0 and ahead:
+                break
+            ahead.append((index, max(budget, WILLNEED_CHUNK)))
+            budget -= self._by_index[index].nbytes
+        keep = {i for i, _ in ahead}
+        for index in sorted(set(self._fetched) - keep):
+            self._evict(self._by_index[index])
+            del self._fetched[index]
+        for index, room in ahead:
+            unit = self._by_index[index]
+            done, want = self._fetched.get(index, 0), min(unit.nbytes, room)
+            at = 0
+            for s in unit.spans:
+                for lo in range(s.start, s.end, WILLNEED_CHUNK):
+                    size = min(WILLNEED_CHUNK, s.end - lo)
+                    if at >= done and at < want:
+                        if self._stop or (self._pos is not None and (self._pos - pos) % n > (index - pos) % n):
+                            return  # compute passed this unit already: reading it now only adds pressure
+                        os.posix_fadvise(self._fds[s.file], lo, size, os.POSIX_FADV_WILLNEED)
+                        self._fetched[index] = at + size
+                    at += size
+            self._fetched.setdefault(index, 0)
+
+    def _advise(self, unit: Unit, advice: int) -> None:
+        for s in unit.spans:
+            base = self._llama.get(s.file)
+            lo, hi = _round_in(s.start, s.end)
+            if base is not None and hi > lo:
+                _libc.madvise(base + lo, hi - lo, advice)
+
+    def _evict(self, unit: Unit) -> None:
+        for s in unit.spans:
+            lo, hi = _round_in(s.start, s.end)
+            if hi <= lo:
+                continue
+            base = self._llama.get(s.file)
+            if base is not None:
+                _libc.madvise(base + lo, hi - lo, MADV_DONTNEED)
+            os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self in _active:
+            _active.remove(self)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._unmap()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def window_for(units: Sequence[Unit]) -> int:
+    """Read-ahead room: two typical units (the one computing and the next), at least 64 MiB (an eighth of a
+    small model). Measured on a 1.2 GB file: a wider window (6 units) read more per token, not less."""
+    sizes = sorted(u.nbytes for u in units)
+    return max(2 * sizes[len(sizes) // 2], min(64 * 1024 * 1024, sum(sizes) // 8)) if sizes else 0
+
+
+def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
+    """A streamer when the plan streams weights from disk through mmap (CORRAL_STREAMING=0 turns it off)."""
+    if not plan.disk_stream_bytes or not settings.use_mmap or os.environ.get("CORRAL_STREAMING") == "0":
+        return None
+    n_layer = int(model_file.arch_key("{arch}.block_count", 0) or 0)
+    on_gpu = 0
+    if any(d.kind == "gpu" for d in plan.devices):
+        on_gpu = settings.n_gpu_layers if settings.n_gpu_layers >= 0 else n_layer + 1
+    # llama.cpp puts the output head on the GPU first, then the last layers (unit n_layer is the head)
+    first_gpu = max(0, n_layer + 1 - on_gpu)
+    units = [u for u in units_of(model_file.tensors, n_layer) if u.index < first_gpu]
+    if not units:
+        return None
+    return Streamer(units, plan.disk_stream_bytes, n_layer)
+
+
+def measured_stream_bytes(units: Sequence[Unit], window: int) -> int | None:
+    """Inside a memory cgroup, what cannot stay resident given the group's anonymous memory now (after the
+    model and context are allocated): finer than the plan's worst-case compute buffers. None: no cgroup."""
+    from corral.offload.memlimit import cgroup_memory_limit
+
+    limit = cgroup_memory_limit()
+    if limit is None:
+        return None
+    margin = max(64 * 1024 * 1024, limit.limit // 8)  # measured: a tighter margin re-reads prefetched pages
+    room = limit.limit - limit.anon - margin - window
+    return max(0, sum(u.nbytes for u in units) - max(0, room))
+
+
+def _ggml_get_name() -> Any:
+    """ggml_get_name from the ggml library llama-cpp-python loaded."""
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))
+            break
+    else:
+        lib = ctypes.CDLL(None)
+    fn = lib.ggml_get_name
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_void_p]
+    return fn
+
+
+__all__ = ["Span", "live_stats", "StreamSets", "StreamStats", "Streamer", "Unit", "choose", "for_plan", "llama_mappings", "units_of",
+           "window_for"]

@@ -1,0 +1,235 @@
+"""Models larger than memory: corral's streaming engine against raw llama-cpp-python mmap, inside a memory cgroup.
+
+    python -m bench.bench_streaming [--model FILE.gguf] [--ratios 1.3,2,3] [--tokens N] [--threads N]
+
+Builds (or takes) an F16 miniature Llama of ~1.2 GB, then for each file/limit ratio runs each side in a
+child process placed in a cgroup-v1 memory cgroup (`memory.limit_in_bytes`, as root; skipped with a
+reason elsewhere), with the file evicted from the page cache first (`posix_fadvise(DONTNEED)`). Reported:
+decode tok/s, GiB read from disk per token (the child's /proc/self/io `read_bytes`), and the bound
+max(compute time, bytes that cannot stay cached / measured cold read speed) per token. Children run in
+their own session with autogroup nice -15 (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+PROMPT = "Once upon a time, in a valley where the llamas roam, there"
+GiB = 1024**3
+
+
+def skip_reason() -> str | None:
+    """Why this benchmark cannot run here (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root to create a memory cgroup"
+    if not (CGROUP_V1 / "memory.limit_in_bytes").is_file():
+        return "no cgroup-v1 memory controller at /sys/fs/cgroup/memory"
+    return None
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A fresh cgroup-v1 memory cgroup with `limit` bytes, removed afterwards."""
+    cg = CGROUP_V1 / f"corral-bench-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        yield cg
+    finally:
+        for _ in range(100):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold_read_speed(path: Path, nbytes: int = 1 << 62) -> float:
+    """Bytes/s of a cold sequential read of the whole file (what the disk gives when streaming). The whole
+    file, not a prefix: this VM's virtual disk is cached by its host, and a prefix read again reads faster."""
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done, t0 = 0, time.perf_counter()
+        while done < nbytes:
+            block = os.read(fd, 16 * 1024 * 1024)
+            if not block:
+                break
+            done += len(block)
+        return done / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        evict(path)
+
+
+def read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _Clock:
+    """Timestamps and read_bytes at the first and last generated piece."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int] = (0.0, 0)
+        self.pieces: list[str] = []
+
+    def __call__(self, piece: str) -> None:
+        now = (time.perf_counter(), read_bytes())
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.pieces.append(piece)
+
+
+def child(mode: str, path: Path, tokens: int, threads: int) -> dict[str, Any]:
+    """Generate `tokens` greedily; per-token numbers exclude the prompt and the first token."""
+    clock = _Clock()
+    t_load = time.perf_counter()
+    if mode == "raw":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), n_ctx=512, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                    verbose=False)
+        load_s = time.perf_counter() - t_load
+        n = 0
+        for chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, stream=True):
+            clock(chunk["choices"][0]["text"])
+            n += 1
+        extra: dict[str, Any] = {}
+    else:
+        from corral.app.runtime.api import SamplingSettings
+        from corral.app.runtime.engine import load_engine
+        from corral.app.runtime.setup import EngineOptions
+
+        engine = load_engine(path, EngineOptions(n_ctx=512, n_threads=threads, force=True))
+        load_s = time.perf_counter() - t_load
+        g = engine.complete(PROMPT, SamplingSettings(temperature=0.0, max_tokens=tokens), on_text=clock)
+        n = g.stats.completion_tokens
+        streamer = getattr(engine, "streamer", None)
+        from corral.offload.memlimit import cgroup_memory_limit
+
+        group = cgroup_memory_limit()
+        extra = {"anon": group.anon if group else 0,"streaming": streamer.describe() if streamer is not None else None,
+                 "disk_stream_bytes": engine.plan.disk_stream_bytes if engine.plan else None,
+                 "plan_tps": engine.plan.tokens_per_second if engine.plan else None}
+        engine.close()
+    assert clock.first is not None
+    steps = max(1, len(clock.pieces) - 1)
+    dt = clock.last[0] - clock.first[0]
+    return {"mode": mode, "tokens": n, "load_s": load_s, "tps": steps / dt if dt > 0 else 0.0,
+            "read_per_token": (clock.last[1] - clock.first[1]) / steps, "text": "".join(clock.pieces), **extra}
+
+
+def run_child(mode: str, path: Path, tokens: int, threads: int, cgroup: Path | None) -> dict[str, Any]:
+    def enter() -> None:
+        os.setsid()
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text("-15")
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    evict(path)
+    cmd = [sys.executable, "-m", "bench.bench_streaming", "--child", mode, "--model", str(path),
+           "--tokens", str(tokens), "--threads", str(threads)]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=enter, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"{mode} child failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_model(folder: Path) -> Path:
+    from corral.convert.converter import convert_checkpoint
+    from corral.convert.minimodel import MiniSpec, build_checkpoint
+
+    spec = MiniSpec(n_embd=1024, n_layer=24, n_head=16, n_head_kv=4, n_ff=4096, shards=2)
+    ckpt = build_checkpoint(folder / "ckpt", spec, seed=0)
+    out = folder / "stream-f16.gguf"
+    convert_checkpoint(ckpt, out, outtype="f16", force=True)
+    for f in ckpt.iterdir():
+        f.unlink()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", choices=["raw", "corral"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help="an existing GGUF (default: build a ~1.2 GB F16 miniature)")
+    ap.add_argument("--ratios", default="1.3,2,3", help="file size / memory limit ratios")
+    ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sides", default="raw,corral")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.tokens, args.threads)))
+        return 0
+    why = skip_reason()
+    if why:
+        print(f"bench_streaming skipped: {why}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="corral-bench-stream-") as tmp:
+        path = args.model or build_model(Path(tmp))
+        size = path.stat().st_size
+        speed = cold_read_speed(path)
+        full = run_child("raw", path, args.tokens, args.threads, None)  # in RAM: the compute time
+        compute_s = 1.0 / full["tps"]
+        print(f"file {size / GiB:.2f} GiB, cold read {speed / 1e9:.2f} GB/s, in RAM {full['tps']:.2f} tok/s "
+              f"({args.threads} threads)", file=sys.stderr)
+        rows = []
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            limit = int(size / ratio)
+            res: dict[str, dict[str, Any]] = {}
+            speed = cold_read_speed(path)  # the disk's speed varies with the host: measured next to each pair
+            with memory_cgroup(limit) as cg:
+                for side in args.sides.split(","):
+                    res[side] = run_child(side, path, args.tokens, args.threads, cg)
+                    print(f"ratio {ratio}: {side} {res[side]['tps']:.3f} tok/s, "
+                          f"{res[side]['read_per_token'] / GiB:.3f} GiB/token", file=sys.stderr)
+            rows.append((ratio, limit, speed, res))
+        print(f"\nfile {size / GiB:.2f} GiB F16, cold sequential read {speed / 1e9:.2f} GB/s, fully cached "
+              f"{full['tps']:.2f} tok/s, {args.threads} threads, {args.tokens} tokens per run\n")
+        print("| file/limit | limit | cold read GB/s | raw mmap tok/s | raw GiB read/token | corral tok/s | corral GiB read/token | "
+              "corral/raw | bound tok/s | corral/bound | plan tok/s | same text |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for ratio, limit, speed, res in rows:
+            raw, ours = res.get("raw"), res.get("corral")
+            streamed = (ours or {}).get("streaming") or {}
+            per_token = streamed.get("resident_bytes", 0) + streamed.get("streamed_bytes", size)
+            miss = max(0, per_token - (limit - (ours or {}).get("anon", 0)))  # all the room not anonymous
+            bound = 1.0 / max(compute_s, miss / speed)
+            cells = [f"{ratio:g}", f"{limit / GiB:.2f} GiB", f"{speed / 1e9:.2f}"]
+            for side in (raw, ours):
+                cells += [f"{side['tps']:.3f}", f"{side['read_per_token'] / GiB:.3f}"] if side else ["-", "-"]
+            cells.append(f"{ours['tps'] / raw['tps']:.2f}x" if raw and ours else "-")
+            cells += [f"{bound:.3f}", f"{ours['tps'] / bound:.0%}" if ours else "-"]
+            cells.append(f"{ours['plan_tps']:.3f}" if ours and ours.get("plan_tps") else "-")
+            cells.append(str(raw["text"] == ours["text"]) if raw and ours else "-")
+            print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The streaming engine: which weights stay resident, where llama.cpp mapped the file, and identical tokens."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from corral.app.runtime import streaming
+from corral.app.runtime.api import SamplingSettings
+from corral.app.runtime.engine import load_engine
+from corral.app.runtime.streaming import Span, Unit, choose, llama_mappings, units_of
+from corral.convert.gguf_file import read_gguf
+from tests.helpers.engine import cpu_plan, write_tiny_gguf
+
+N_LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("stream") / "s.gguf", hidden=256, n_heads=4, ffn=512,
+                           n_layers=N_LAYERS, layer_dtype=np.float32)
+
+
+class _RefusingLibc:
+    def __init__(self, libc: object) -> None:
+        self._libc = libc
+
+    def mlock(self, *_args: object) -> int:
+        return -1
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._libc, name)
+
+
+def _units(sizes: list[int]) -> list[Unit]:
+    f, at, out = Path("/m.gguf"), 0, []
+    for i, n in enumerate(sizes):
+        out.append(Unit(i, (Span(f, at, at + n),)))
+        at += n
+    return out
+
+
+def test_units_follow_the_graph_and_skip_the_embedding(model: Path) -> None:
+    mf = read_gguf(model)
+    units = units_of(mf.tensors, N_LAYERS)
+    assert [u.index for u in units] == [*range(N_LAYERS), N_LAYERS]
+    per_token = sum(t.nbytes for t in mf.tensors if not t.name.startswith("token_embd"))
+    assert sum(u.nbytes for u in units) == per_token  # merged spans cover exactly the tensors read per token
+    assert all(len(u.spans) == 1 for u in units[:-1])  # a layer's tensors are adjacent in the file
+    out = next(t for t in mf.tensors if t.name == "output.weight")
+    assert any(s.start <= out.offset and out.offset + out.nbytes <= s.end for s in units[-1].spans)
+
+
+def test_choose_streams_enough_spread_over_the_token() -> None:
+    units = _units([100] * 10 + [50])
+    sets = choose(units, stream_bytes=380, window=100)
+    assert sets.streamed_bytes >= 480 and sets.resident_bytes + sets.streamed_bytes == 1050
+    got = [u.index for u in sets.streamed]
+    assert got != list(range(len(got)))  # not one block: resident layers sit between streamed ones
+    assert max(b - a for a, b in zip(got, got[1:])) <= 2
+    assert choose(units, 0, 0).streamed == () and len(choose(units, 10_000, 0).resident) == 0
+
+
+def test_llama_mapping_is_the_whole_file_from_offset_zero(tmp_path: Path) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"x" * 10)
+    ino = f.stat().st_ino
+    maps = (f"7f0000000000-7f0000001000 r--s 00000000 fd:01 {ino}   {f}\n"
+            f"7f1000000000-7f1000400000 r--s 00000000 fd:01 {ino}   {f}\n"
+            f"7f2000000000-7f2000800000 r--s 00001000 fd:01 {ino}   {f}\n"
+            "7f3000000000-7f3000800000 r-xp 00000000 fd:01 999999 /usr/lib/libc.so\n")
+    assert llama_mappings([f], maps) == {f: 0x7F1000000000}
+
+
+def test_no_streamer_unless_the_plan_streams(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mf = read_gguf(model)
+    plan = cpu_plan(n_ctx=256)
+    assert streaming.for_plan(plan, mf, plan.load) is None
+    streams = replace(plan, disk_stream_bytes=1)
+    assert streaming.for_plan(streams, mf, replace(plan.load, use_mmap=False)) is None
+    no_gpu = streaming.for_plan(streams, mf, replace(plan.load, n_gpu_layers=-1))
+    assert no_gpu is not None and len(no_gpu.units) == N_LAYERS + 1  # no GPU: -ngl changes nothing
+    gpu = replace(streams, devices=(*plan.devices, replace(plan.devices[0], name="GPU0", kind="gpu")))
+    assert streaming.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=-1)) is None  # all on the GPU
+    part = streaming.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=2))
+    assert part is not None and [u.index for u in part.units] == list(range(N_LAYERS - 1))  # head + last layer
+    monkeypatch.setenv("CORRAL_STREAMING", "0")
+    assert streaming.for_plan(streams, mf, plan.load) is None
+
+
+@pytest.mark.parametrize("lock_refused", [False, True])
+def test_streaming_engine_gives_the_same_greedy_tokens(model: Path, lock_refused: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if lock_refused:  # RLIMIT_MEMLOCK too small: the resident set is kept hot with advice instead
+        monkeypatch.setattr(streaming, "_libc", _RefusingLibc(streaming._libc))
+    settings = SamplingSettings(temperature=0.0, max_tokens=24)
+    plain = load_engine(model, plan=cpu_plan(n_ctx=256))
+    try:
+        assert plain.streamer is None
+        want = plain.complete("Once upon a time", settings).text
+        want_tokens = list(plain.last_completion_tokens)
+    finally:
+        plain.close()
+    total = sum(u.nbytes for u in units_of(read_gguf(model).tensors, N_LAYERS))
+    engine = load_engine(model, plan=cpu_plan(n_ctx=256, disk_stream_bytes=total // 2))
+    try:
+        s = engine.streamer
+        assert s is not None and s.sets.streamed and s.sets.resident
+        assert s.locked is not lock_refused and len(s._own) == (0 if lock_refused else 1)
+        got = engine.complete("Once upon a time", settings).text
+        assert list(engine.last_completion_tokens) == want_tokens and got == want
+        assert s.positions >= 24 * (N_LAYERS + 1)  # the eval callback saw every layer of every token
+        assert s.stats.streamed_bytes == s.sets.streamed_bytes
+    finally:
+        engine.close()
+    assert engine.streamer is None
+
+
+def test_plan_overlaps_disk_reads_with_compute() -> None:
+    from corral.offload import throughput
+    from corral.offload.api import PlanOptions, plan_model
+    from corral.offload.hardware import Hardware
+
+    hw = Hardware(ram_total=64 * 2**30, ram_available=60 * 2**30, cpu_cores=16, cpu_threads=32, disk_bandwidth=3e9)
+    p = plan_model("llama-3.1-405b", PlanOptions(quant="Q4_K_M", n_ctx=4096), hw)
+    tiers = p.time_per_token
+    disk_s = throughput.disk_read_seconds(p.disk_stream_bytes, hw)
+    assert p.disk_stream_bytes > 100 * 2**30 and disk_s == pytest.approx(p.disk_stream_bytes * 1.03 / 3e9)
+    assert tiers["disk"] == pytest.approx(max(0.0, disk_s - tiers["CPU"]))  # compute hides part of the reads
+    assert 1 / p.tokens_per_second == pytest.approx(sum(tiers.values()))
+    assert 1 / p.tokens_per_second >= max(disk_s, tiers["CPU"])
+    assert any("plain mmap" in w for w in p.warnings)
+
+
+def test_plain_mmap_reads_more_than_what_does_not_fit() -> None:
+    from corral.offload.throughput import MMAP_KEPT_FRACTION, mmap_read_bytes
+
+    gib = 2**30
+    assert mmap_read_bytes(10 * gib, 12 * gib) == 0
+    assert mmap_read_bytes(10 * gib, 6 * gib) == int(10 * gib - MMAP_KEPT_FRACTION * 6 * gib)
+    assert mmap_read_bytes(10 * gib, 6 * gib) > 10 * gib - 6 * gib  # an LRU sweep loses most of the room
+
+
+def test_memory_view_shows_the_streamed_tier_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from corral.offload.api import PlanOptions, plan_model
+    from corral.offload.hardware import Hardware
+    from corral.tui.memory_view import LiveUsage, probe_live_usage, render_memory
+
+    monkeypatch.setattr(streaming, "live_stats", lambda: streaming.StreamStats(3 * 2**30, 2.5e9, True, 1, 2))
+    live = probe_live_usage()
+    assert (live.disk_read_per_token, live.disk_read_speed) == (3 * 2**30, 2.5e9) and live.rss_bytes > 0
+    monkeypatch.setattr(streaming, "live_stats", lambda: None)
+    assert probe_live_usage().disk_read_per_token is None
+    hw = Hardware(ram_total=64 * 2**30, ram_available=60 * 2**30, disk_bandwidth=3e9)
+    plan = plan_model("llama-3.1-405b", PlanOptions(quant="Q4_K_M", n_ctx=4096), hw)
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(render_memory(plan, replace(LiveUsage(2**30), disk_read_per_token=3 * 2**30, disk_read_speed=2.5e9)))
+    assert "3.0 GiB read per token at 2.50 GB/s" in console.export_text()
+    console.print(render_memory(plan, LiveUsage(2**30)))
+    assert "read via mmap" in console.export_text()
