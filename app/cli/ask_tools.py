@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from corral.app.cli import ui
-from corral.app.cli.model_options import ModelArgs
+from corral.app.cli.model_options import ModelArgs, stats_json
 from corral.app.runtime.api import Message
 from corral.app.runtime.tools import ToolSet, load_tools_file, parse_reply
 from corral.convert.errors import Cancelled, ContextOverflow, UsageError
@@ -47,12 +47,7 @@ def answer_with_tools(engine: Any, args: ModelArgs, messages: list[Message], too
             "text": parsed.content,
             "tool_calls": calls,
             "invalid_tool_calls": invalid,
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.completion_tokens,
-            "prompt_seconds": round(stats.prompt_seconds, 6),
-            "generation_seconds": round(stats.generation_seconds, 6),
-            "tokens_per_second": round(stats.tokens_per_second, 3),
-            "stop_reason": stats.stop_reason,
+            **stats_json(stats),
         }, ensure_ascii=False))
     else:
         if parsed.content:

@@ -15,14 +15,14 @@ import click
 from corral.app.chats.store import ChatStore
 from corral.app.cli import ui
 from corral.app.cli.ask_tools import answer_with_tools, read_tools_file
-from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
+from corral.app.cli.model_options import ModelArgs, load_model, model_options, pop_model_args, stats_json
 from corral.app.cli.saved_ask import SavedConversation
 from corral.app.runtime.api import ChatEngine, Generation, Message
 from corral.app.runtime.draft import draft_json
 from corral.convert.errors import Cancelled, ContextOverflow, UsageError
 
 if TYPE_CHECKING:
-    from corral.app.runtime.engine import LlamaEngine
+    pass
 
 
 def read_prompt(argument: str | None, stdin: Any) -> str:
@@ -105,7 +105,7 @@ def ask(prompt: str | None, truncate: bool, no_stream: bool, json_: bool, contin
             ([Message("system", args.system)] if args.system else []) + [Message("user", text)])
         cancel = threading.Event()
         with interrupt_sets(cancel):
-            engine = _load(args, cancel)
+            engine = load_model(args, cancel)
             try:
                 if tools is not None:
                     return answer_with_tools(engine, args, messages, tools, cancel, json_=json_)
@@ -135,23 +135,6 @@ def _open_saved(continue_: str | None, save: bool, args: ModelArgs) -> SavedConv
     except BaseException:
         store.close()
         raise
-
-
-def _load(args: ModelArgs, cancel: threading.Event) -> LlamaEngine:
-    from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
-    from corral.convert.gguf_file import read_gguf
-
-    path = resolve_model_path(args.model or "")
-    model_file = read_gguf(path)
-    plan = make_plan(path, args.engine, model_file)
-    if plan.headline:
-        ui.note(("plan:", "dim"), " ", plan.headline)
-    with ui.count_progress(f"loading {path.name}") as bar:
-        engine = load_engine(path, args.engine, plan=plan, model_file=model_file, cancel=cancel,
-                             progress=lambda f: bar(int(f * 100), 100, ""))
-    for message in engine.warnings:
-        ui.warn(message)
-    return engine
 
 
 def _answer(engine: ChatEngine, args: ModelArgs, messages: list[Message], cancel: threading.Event, *, truncate: bool,
@@ -186,12 +169,7 @@ def _answer(engine: ChatEngine, args: ModelArgs, messages: list[Message], cancel
             **extra,
             "model": engine.model_name,
             "text": result.text,
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.completion_tokens,
-            "prompt_seconds": round(stats.prompt_seconds, 6),
-            "generation_seconds": round(stats.generation_seconds, 6),
-            "tokens_per_second": round(stats.tokens_per_second, 3),
-            "stop_reason": stats.stop_reason,
+            **stats_json(stats),
             **draft_json(engine, stats),
         }, ensure_ascii=False))
     elif stream:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from corral.app.cli import ui
-from corral.app.cli.model_options import model_options, pop_model_args
+from corral.app.cli.model_options import load_model, model_options, pop_model_args
 from corral.convert.errors import UsageError
 
 API_KEY_ENV = "CORRAL_API_KEY"
@@ -47,21 +47,10 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, **params: A
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(host) and not api_key:
         ui.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-    from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
     from corral.app.serve.app import ServeConfig
     from corral.app.serve.server import uvicorn_server
-    from corral.convert.gguf_file import read_gguf
 
-    path = resolve_model_path(args.model or "")
-    model_file = read_gguf(path)
-    plan = make_plan(path, args.engine, model_file)
-    if plan.headline:
-        ui.note(("plan:", "dim"), " ", plan.headline)
-    with ui.count_progress(f"loading {path.name}") as bar:
-        engine = load_engine(path, args.engine, plan=plan, model_file=model_file,
-                             progress=lambda f: bar(int(f * 100), 100, ""))
-    for message in engine.warnings:
-        ui.warn(message)
+    engine = load_model(args)
     try:
         config = ServeConfig(api_key=api_key, defaults=args.sampling, max_waiting=max_queue)
         server = uvicorn_server(engine, config, host=host, port=port, log_level="info" if args.engine.verbose

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from corral.app.runtime.api import SamplingSettings
+from corral.app.cli import ui
+from corral.app.runtime.api import GenerationStats, SamplingSettings
 from corral.app.runtime.setup import EngineOptions
 from corral.convert.errors import UsageError
 from corral.offload.memory import KV_TYPES
+
+if TYPE_CHECKING:
+    from corral.app.runtime.engine import LlamaEngine
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,3 +100,33 @@ def pop_model_args(params: dict[str, Any]) -> ModelArgs:
     given = {k: values[k] for k in ("temperature", "top_p", "max_tokens", "seed") if values[k] is not None}
     sampling = replace(DEFAULT_SAMPLING, **given)
     return ModelArgs(model=values["model"], engine=engine, sampling=sampling, system=values["system"])
+
+
+def load_model(args: ModelArgs, cancel: threading.Event | None = None) -> LlamaEngine:
+    """Plan, say the plan's headline, load with a progress bar, then print the engine's warnings."""
+    from corral.app.runtime.engine import load_engine, make_plan, resolve_model_path
+    from corral.convert.gguf_file import read_gguf
+
+    path = resolve_model_path(args.model or "")
+    model_file = read_gguf(path)
+    plan = make_plan(path, args.engine, model_file)
+    if plan.headline:
+        ui.note(("plan:", "dim"), " ", plan.headline)
+    with ui.count_progress(f"loading {path.name}") as bar:
+        engine = load_engine(path, args.engine, plan=plan, model_file=model_file, cancel=cancel,
+                             progress=lambda f: bar(int(f * 100), 100, ""))
+    for message in engine.warnings:
+        ui.warn(message)
+    return engine
+
+
+def stats_json(stats: GenerationStats) -> dict[str, Any]:
+    """A generation's numbers as `--json` prints them."""
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "prompt_seconds": round(stats.prompt_seconds, 6),
+        "generation_seconds": round(stats.generation_seconds, 6),
+        "tokens_per_second": round(stats.tokens_per_second, 3),
+        "stop_reason": stats.stop_reason,
+    }
