@@ -64,6 +64,7 @@ def show_hardware(*, json_: bool, reprobe: bool) -> None:
         ("CPU", f"{hw.cpu_name} ({hw.cpu_cores} cores, {hw.cpu_threads} threads)"),
         ("CPU features", flags),
         ("RAM", f"{format_bytes(hw.ram_available)} available of {format_bytes(hw.ram_total)}"
+                f" (limit: {'the machine' if hw.ram_limit == 'machine' else hw.ram_limit})"
                 f"{f', swap {format_bytes(hw.swap_free)} free' if hw.swap_total else ''}"),
         ("GPUs", ", ".join(f"{g.name} ({format_bytes(g.free_bytes)} free)" for g in hw.gpus) or "none"),
         ("llama.cpp", cpu_probe.llama_build().split(" ")[0]),
