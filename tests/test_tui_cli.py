@@ -88,3 +88,14 @@ def test_list_shows_saved_kv_states() -> None:
     assert rows[cid]["kv_state_bytes"] == size and rows[other]["kv_state_bytes"] == 0
     lines = {int(line.split()[0]): line for line in runner.invoke(cli, ["chat", "--list"]).stdout.splitlines()}
     assert f"KV {format_bytes(size)}" in lines[cid] and "no KV" in lines[other]
+
+
+def test_tools_file_is_read_before_the_model_and_help_says_nothing_runs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tmp_path / "nope.gguf"), "--tools", str(tmp_path / "t.json")])
+    assert result.exit_code == 2
+    assert "cannot read the tools file" in result.stderr
+    (tmp_path / "t.json").write_text("[]", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tmp_path / "nope.gguf"), "--tools", str(tmp_path / "t.json")])
+    assert result.exit_code == 2 and "lists no tools" in result.stderr
+    help_text = CliRunner().invoke(cli, ["chat", "--help"]).stdout
+    assert "--tools FILE" in help_text and "corral runs none of them" in help_text

@@ -16,6 +16,7 @@ from textual.notifications import SeverityLevel
 
 from corral.app.chats.store import ChatStore
 from corral.app.runtime.api import ChatEngine, SamplingSettings
+from corral.app.runtime.tools import ToolSet
 from corral.convert.errors import Cancelled
 
 from .chat_screen import ChatScreen
@@ -68,6 +69,7 @@ class ChatApp(App[int]):
         flush_interval: float = 0.1,
         max_ui_share: float = 0.025,
         save_interval: float = 0.5,
+        tools: ToolSet | None = None,
     ) -> None:
         super().__init__()
         self.engine_factory = engine_factory
@@ -84,6 +86,7 @@ class ChatApp(App[int]):
         self.flush_interval = flush_interval
         self.max_ui_share = max_ui_share
         self.save_interval = save_interval
+        self.tools = tools if tools is not None and tools.active else None  # offered to the model; never run
         self.engine: ChatEngine | None = None
         self.engine_lock = threading.Lock()
         self.load_cancel = threading.Event()
@@ -101,6 +104,10 @@ class ChatApp(App[int]):
         """
         self.notices.append((severity, str(message)))
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
+    def tool_args(self) -> tuple[ToolSet, ...]:
+        """`(tools,)` when tools are offered, else `()`: extra arguments for the engine's counting."""
+        return (self.tools,) if self.tools is not None else ()
 
     def engine_model_name(self) -> str:
         return (self.engine.model_name if self.engine is not None else "") or self.model_label

@@ -14,14 +14,15 @@ from textual.timer import Timer
 from textual.widgets import Footer, Static
 
 from corral.app.chats.kv_states import EngineConversation
-from corral.app.runtime.api import Generation, GenerationStats, Message
+from corral.app.runtime.api import GenerationStats, Message
 from corral.convert.errors import ContextOverflow, CorralError
 
+from . import tool_turns
 from .chat_commands import ChatCommands
 from .load_screen import Draft
 from .message_view import MessageBox, MessageView
 from .prompt_input import PromptInput
-from .reply_job import ContextCounted, ReplyDone, ReplyFailed, ReplyJob
+from .reply_job import ContextCounted, ReplyDone, ReplyFailed, ReplyJob, run_reply
 from .status_bar import StatusBar
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ChatScreen(ChatCommands, Screen[None]):
         self.system_prompt = ""
         self._timer: Timer | None = None
         self._switch_interval: float | None = None
+        self.tool_pending = False  # the last reply asked for a tool: the next message is its result
 
     @property
     def chat_app(self) -> ChatApp:
@@ -114,8 +116,11 @@ class ChatScreen(ChatCommands, Screen[None]):
     def history(self) -> list[Message]:
         """System prompt plus every turn on screen (empty replies left out)."""
         out = [Message("system", self.system_prompt)] if self.system_prompt else []
+        tools = self.chat_app.tools
         for box in self.view.boxes():
-            if box.role == "user" or box.content:
+            if box.role == "assistant" and box.content:
+                out.append(tool_turns.reply_message(box.content, tools))
+            elif box.role in ("user", "ipython") or box.content:
                 out.append(Message(box.role, box.content))  # type: ignore[arg-type]
         return out
 
@@ -141,7 +146,7 @@ class ChatScreen(ChatCommands, Screen[None]):
             self.post_message(ContextCounted(0))
             return
         with app.engine_lock:
-            tokens = app.engine.count_prompt_tokens(messages)
+            tokens = app.engine.count_prompt_tokens(messages, *app.tool_args())
         self.post_message(ContextCounted(tokens))
 
     def on_context_counted(self, message: ContextCounted) -> None:
@@ -155,15 +160,18 @@ class ChatScreen(ChatCommands, Screen[None]):
             self.notify("a reply is still streaming; escape stops it", severity="warning")
             return
         text = event.text.strip("\n").rstrip()
+        role = "ipython" if self.tool_pending else "user"
+        stored = tool_turns.TOOL_RESULT_PREFIX + text if self.tool_pending else text
         try:
             conversation_id = self._ensure_conversation()
-            message_id = self.chat_app.store.add_message(conversation_id, "user", text)  # committed now
+            message_id = self.chat_app.store.add_message(conversation_id, "user", stored)  # committed now
         except CorralError as exc:
             self.notify(str(exc), severity="error")
             return
         self.prompt.remember(text)
         self.prompt.clear()
-        user_box = await self.view.add_message("user", text, message_id=message_id)
+        self._set_tool_pending(False)
+        user_box = await self.view.add_message(role, text, message_id=message_id)
         self._update_placeholder()
         await self._start_reply(user_box)
 
@@ -191,20 +199,9 @@ class ChatScreen(ChatCommands, Screen[None]):
             with app.engine_lock:
                 if engine is None:
                     raise CorralError("no model is loaded")
-                if job.cancel.is_set():
-                    empty = GenerationStats(0, 0, 0.0, 0.0, "cancelled")
-                    generation = Generation("", empty)
-                else:
-                    used = engine.count_prompt_tokens(job.messages)
-                    if used >= engine.n_ctx:
-                        raise ContextOverflow(f"the conversation is {used:,} tokens; the context holds {engine.n_ctx:,}")
-                    problem = self.kv_cache.switch_to(engine, job.conversation_id)
-                    if problem:
-                        self.app.call_from_thread(self.notify, problem, severity="warning", markup=False)
-                    generation = engine.generate(
-                        job.messages, job.settings, on_text=job.buffer.append, cancel=job.cancel
-                    )
-                    self.kv_cache.save(engine, job.conversation_id)
+                generation = run_reply(engine, job, app.tool_args(), self.kv_cache,
+                                       warn=lambda text: self.app.call_from_thread(
+                                           self.notify, text, severity="warning", markup=False))
         except BaseException as exc:  # every failure goes to the UI as a notification
             self.post_message(ReplyFailed(job, exc))
         else:
@@ -263,6 +260,10 @@ class ChatScreen(ChatCommands, Screen[None]):
         else:
             await box.flush()
 
+    def _set_tool_pending(self, pending: bool) -> None:
+        self.tool_pending = pending
+        self.prompt.placeholder = tool_turns.TOOL_PENDING if pending else ""
+
     def _end_job(self) -> None:
         self.job = None
         if self._timer is not None:
@@ -275,6 +276,10 @@ class ChatScreen(ChatCommands, Screen[None]):
     async def action_stop(self) -> None:
         """Escape: stop now and keep the partial reply; harmless when nothing streams."""
         job = self.job
+        if job is None and self.tool_pending:
+            self._set_tool_pending(False)
+            self.notify(tool_turns.TOOL_DISMISSED)
+            return
         if job is None or job.stopped:
             return
         job.cancel.set()
@@ -295,6 +300,11 @@ class ChatScreen(ChatCommands, Screen[None]):
             return
         stats = generation.stats
         await self._finish(job, stats.stop_reason, stats, final_text=generation.text)
+        calls = tool_turns.calls_in(generation.text, self.chat_app.tools)
+        if calls is not None:
+            await job.box.mount(Static(tool_turns.describe_calls(calls), classes="tool-calls", markup=False))
+            self._set_tool_pending(True)
+            self.notify(tool_turns.TOOL_PENDING, severity="warning", timeout=10)
         if stats.stop_reason == "length":
             engine = self.chat_app.engine
             if engine is not None and stats.prompt_tokens + stats.completion_tokens >= engine.n_ctx:
@@ -338,6 +348,8 @@ class ChatScreen(ChatCommands, Screen[None]):
         await user_box.remove()
         if not self.prompt.text.strip():
             self.prompt.set_text(user_box.content)
+        if user_box.role == "ipython":
+            self._set_tool_pending(True)
         self._update_placeholder()
 
     # -- commands ---------------------------------------------------------------------------------
@@ -357,12 +369,14 @@ class ChatScreen(ChatCommands, Screen[None]):
                 return
             await last.remove()
             boxes = boxes[:-1]
-        if not boxes or boxes[-1].role != "user":
+        if not boxes or boxes[-1].role not in ("user", "ipython"):
             self.notify("nothing to regenerate", severity="warning")
             return
+        self._set_tool_pending(False)
         await self._start_reply(None)
 
     async def action_new_conversation(self) -> None:
+        self._set_tool_pending(False)
         await self.action_stop()
         self.conversation_id = None
         self.system_prompt = self.chat_app.system_prompt
@@ -378,6 +392,7 @@ class ChatScreen(ChatCommands, Screen[None]):
         except CorralError as exc:
             self.notify(str(exc), severity="error")
             return
+        self._set_tool_pending(False)
         await self.action_stop()
         await self.view.query(MessageBox).remove()
         self.conversation_id = conversation.id

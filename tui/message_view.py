@@ -10,7 +10,7 @@ from textual.widgets import Markdown, Static
 
 from corral.app.chats.store import EXPORT_NOTES
 
-ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System", "ipython": "Tool result (typed by you)"}
 STATUS_NOTES = {**EXPORT_NOTES, "error": "failed"}
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from textual.message import Message as TMessage
 
-from corral.app.runtime.api import Generation, Message, SamplingSettings
+from corral.app.chats.kv_states import EngineConversation
+from corral.app.runtime.api import ChatEngine, Generation, GenerationStats, Message, SamplingSettings
+from corral.convert.errors import ContextOverflow
 
 from .message_view import MessageBox, PieceBuffer, ReplyBox
 
@@ -49,3 +52,21 @@ class ContextCounted(TMessage):
     def __init__(self, tokens: int) -> None:
         super().__init__()
         self.tokens = tokens
+
+
+def run_reply(engine: ChatEngine, job: ReplyJob, tool_args: tuple, kv_cache: EngineConversation,
+              warn: Callable[[str], None]) -> Generation:
+    """Generate `job`'s reply (worker thread, engine lock held): check the context, restore the conversation's
+    saved KV state if the engine holds another, generate, save the new state."""
+    if job.cancel.is_set():
+        return Generation("", GenerationStats(0, 0, 0.0, 0.0, "cancelled"))
+    used = engine.count_prompt_tokens(job.messages, *tool_args)
+    if used >= engine.n_ctx:
+        raise ContextOverflow(f"the conversation is {used:,} tokens; the context holds {engine.n_ctx:,}")
+    problem = kv_cache.switch_to(engine, job.conversation_id)
+    if problem:
+        warn(problem)
+    generation = engine.generate(job.messages, job.settings, on_text=job.buffer.append, cancel=job.cancel,
+                                 **({"tools": tool_args[0]} if tool_args else {}))
+    kv_cache.save(engine, job.conversation_id)
+    return generation

@@ -16,6 +16,7 @@ from corral.app.chats.store import ChatStore
 from corral.app.cli import ui
 from corral.app.cli.model_options import ModelArgs, model_options, pop_model_args
 from corral.app.runtime.api import ChatEngine
+from corral.app.runtime.tools import ToolSet
 from corral.convert.errors import CorralError, EngineError, UsageError
 from corral.convert.units import format_bytes
 
@@ -70,9 +71,18 @@ def _engine_factory(model: str, args: ModelArgs) -> tuple[EngineFactory, str, st
 @click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for ctrl+s exports (default: the current folder).")
 @click.option("--json", "json_", is_flag=True, help="With --list: print JSON on stdout.")
+@click.option("--tools", "tools_file", default=None, metavar="FILE",
+              help="Offer the tools in FILE (as `corral ask --tools`); calls are shown, never run.")
 def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, export_dir: Path | None,
-         json_: bool, **params: Any) -> None:
-    """Chat with a local GGUF model in a terminal UI."""
+         json_: bool, tools_file: str | None, **params: Any) -> None:
+    """Chat with a local GGUF model in a terminal UI.
+
+    \b
+    With --tools FILE the model may ask for tool calls. corral runs none of them: the chat shows each
+    call (name and JSON arguments, or why it could not be read) and your next message is sent as the
+    tool's result (escape: write a normal message instead). Tool results are saved as your turns,
+    prefixed "[tool result]"; a resumed conversation sends them to the model as plain user turns.
+    """
     store = ChatStore()
     try:
         if list_:
@@ -86,17 +96,22 @@ def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, expo
             raise UsageError("missing -m/--model MODEL.gguf")
         if resume is not None:
             store.get(resume)  # a bad id fails here, before the model loads
+        tools = None
+        if tools_file is not None:
+            from corral.app.cli.ask_tools import read_tools_file
+
+            tools = read_tools_file(tools_file)
         # validate the model and plan first, so a bad file is named even without a terminal
         factory, label, headline = _engine_factory(args.model, args)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise UsageError("corral chat needs a terminal; use `corral ask` in scripts and pipes")
-        _run_app(factory, store, args, label, headline, resume, new, export_dir)
+        _run_app(factory, store, args, label, headline, resume, new, export_dir, tools)
     finally:
         store.close()
 
 
 def _run_app(factory: EngineFactory, store: ChatStore, args: ModelArgs, label: str, headline: str,
-             resume: int | None, new: bool, export_dir: Path | None) -> None:
+             resume: int | None, new: bool, export_dir: Path | None, tools: ToolSet | None = None) -> None:
     from corral.tui.app import make_app
 
     app = make_app(
@@ -109,6 +124,7 @@ def _run_app(factory: EngineFactory, store: ChatStore, args: ModelArgs, label: s
         conversation_id=resume,
         show_list_at_start=not new and resume is None,
         export_dir=export_dir,
+        tools=tools,
     )
     try:
         app.run()

@@ -15,6 +15,7 @@ import pytest
 from corral.app.chats.store import ChatStore
 from corral.app.runtime.api import FitResult, Generation, GenerationStats, Message, SamplingSettings
 from corral.app.runtime.chat_format import drop_oldest_turns
+from corral.app.runtime.tools import ToolSet
 from corral.convert.errors import ContextOverflow, EngineError
 from corral.offload.plan import DevicePlan, Plan
 from tests.helpers.plans import make_plan
@@ -31,6 +32,7 @@ def split_tokens(text: str) -> list[str]:
 class FakeCall:
     messages: list[Message]
     settings: SamplingSettings
+    tools: ToolSet | None = None
 
 
 class FakeEngine:
@@ -77,9 +79,10 @@ class FakeEngine:
     def queue(self, *replies: str) -> None:
         self.replies.extend(replies)
 
-    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
-        """4 tokens of template per message plus one per word-ish piece."""
-        return sum(4 + len(split_tokens(m.content)) for m in messages) + 1
+    def count_prompt_tokens(self, messages: Sequence[Message], tools: ToolSet | None = None) -> int:
+        """4 tokens of template per message plus one per word-ish piece (and per piece of the tools' JSON)."""
+        tool_tokens = sum(len(split_tokens(f)) for f in tools.functions) if tools is not None else 0
+        return sum(4 + len(split_tokens(m.content)) for m in messages) + 1 + tool_tokens
 
     def fit_messages(self, messages: Sequence[Message], reserve: int) -> FitResult:
         """Drop the oldest turns, then the oldest words of the last message, until `reserve` tokens are left."""
@@ -103,17 +106,18 @@ class FakeEngine:
         *,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        tools: ToolSet | None = None,
     ) -> Generation:
         if self.closed:
             raise EngineError("engine is closed")
         if not self._busy.acquire(blocking=False):
             raise EngineError("FakeEngine.generate called concurrently")
         try:
-            self.calls.append(FakeCall(list(messages), settings))
+            self.calls.append(FakeCall(list(messages), settings, tools))
             if self.fail is not None:
                 exc, self.fail = self.fail, None
                 raise exc
-            prompt_tokens = self.count_prompt_tokens(messages)
+            prompt_tokens = self.count_prompt_tokens(messages, tools)
             if prompt_tokens >= self.n_ctx:
                 raise ContextOverflow(f"prompt is {prompt_tokens} tokens; the context holds {self.n_ctx}")
             reply = self.replies.pop(0) if self.replies else self.default_reply
