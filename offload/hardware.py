@@ -21,7 +21,7 @@ from .memlimit import cgroup_memory_limit
 DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read
 DEFAULT_DISK_BANDWIDTH = 1.0e9  # a mid-range NVMe drive under page-cache reads
 DEFAULT_GPU_BANDWIDTH = 500e9
-BANDWIDTH_CACHE_FILE = "bandwidth.json"
+BANDWIDTH_CACHE_FILE = "bandwidth-v2.json"  # v2: RAM read with every core (v1 files read with one)
 
 
 @dataclass(frozen=True)

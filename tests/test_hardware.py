@@ -101,14 +101,14 @@ def test_detect_hardware_uses_cache_and_is_sane(tmp_path: Path, monkeypatch: pyt
     assert 0 < hw.ram_available <= hw.ram_total and hw.cpu_threads >= hw.cpu_cores >= 1
     hardware.detect_hardware(tmp_path, cache=tmp_path / "c")
     assert calls == ["ram", "disk"]  # second detection: from the JSON cache
-    assert json.loads((tmp_path / "c" / "bandwidth.json").read_text())["ram"] == 12e9
+    assert json.loads((tmp_path / "c" / "bandwidth-v2.json").read_text())["ram"] == 12e9
 
 
 def test_real_bandwidth_measurement(tmp_path: Path) -> None:
     """Real RAM and disk measurements (their time budgets are checked in bench/bench_latency.py)."""
     bw = hardware.measure_bandwidth(tmp_path, cache=tmp_path / "cache")
     assert bw["ram"] > 1e8 and bw["disk"] > 1e6
-    assert json.loads((tmp_path / "cache" / "bandwidth.json").read_text())["ram"] == bw["ram"]
+    assert json.loads((tmp_path / "cache" / "bandwidth-v2.json").read_text())["ram"] == bw["ram"]
     assert not list(tmp_path.glob(".corral-bw-*"))  # scratch file removed
 
 
