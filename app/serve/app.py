@@ -153,6 +153,18 @@ class Service:
         return JSONResponse({"status": "ok", "model": self.engine.model_name, "busy": self.queue.running,
                              "waiting": self.queue.waiting, "served": self.queue.served})
 
+    async def _generate_once(self, request: Request, stop: Any,
+                             call: Callable[[GenerationJob], Generation]) -> tuple[GenerationJob, Generation]:
+        """Run one non-streamed generation through the queue; the job holds its text after stop strings."""
+        job = GenerationJob(stop)
+
+        def work() -> Generation:
+            result = call(job)
+            job.finish()
+            return result
+
+        return job, await self._run(request, work, job.cancel)
+
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.engine.model_name, "object": "model",
                                                           "created": 0, "owned_by": "corral"}]})
@@ -169,15 +181,8 @@ class Service:
             if req.sampling.stream:
                 return StreamingResponse(self._chat_events(req.messages, req.tools, req.sampling),
                                          media_type="text/event-stream")
-            job = GenerationJob(req.sampling.stop)
-
-            def work() -> Generation:
-                result = self.engine.generate(req.messages, req.sampling.settings, on_text=job.on_text,
-                                              cancel=job.cancel, tools=req.tools)
-                job.finish()
-                return result
-
-            result = await self._run(request, work, job.cancel)
+            job, result = await self._generate_once(request, req.sampling.stop, lambda job: self.engine.generate(
+                req.messages, req.sampling.settings, on_text=job.on_text, cancel=job.cancel, tools=req.tools))
         except BadRequest as exc:
             return _error(exc)
         except ClientGone:
@@ -263,15 +268,8 @@ class Service:
             if req.sampling.stream:
                 return StreamingResponse(self._completion_events(req.prompt, req.sampling),
                                          media_type="text/event-stream")
-            job = GenerationJob(req.sampling.stop)
-
-            def work() -> Generation:
-                result = self.engine.complete(req.prompt, req.sampling.settings, on_text=job.on_text,
-                                              cancel=job.cancel)
-                job.finish()
-                return result
-
-            result = await self._run(request, work, job.cancel)
+            job, result = await self._generate_once(request, req.sampling.stop, lambda job: self.engine.complete(
+                req.prompt, req.sampling.settings, on_text=job.on_text, cancel=job.cancel))
         except BadRequest as exc:
             return _error(exc)
         except ClientGone:
