@@ -7,14 +7,30 @@ LLAMA_CPP_PYTHON := 0.3.36
 REF    := $(VENV)/reference
 REF_CONVERTER := $(REF)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench lint clean trained
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Runtime install: what `corral demo` needs. llama-cpp-python compiles once (~8 min on 2 cores), then pip reuses the wheel.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# llama-cpp-python with llama.cpp's RPC backend (`corral worker`, --rpc) plus the caller's CMAKE_ARGS (e.g.
+# CMAKE_ARGS="-DGGML_CUDA=on"). pip's wheel cache ignores CMAKE_ARGS, so the wheel is built once (~10 min on
+# 2 cores) into a wheelhouse keyed by the version and the flags, and installed from there.
+LLAMA_CMAKE_ARGS := $(strip -DGGML_RPC=on $(CMAKE_ARGS))
+WHEEL_KEY  := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest()[:12])' '$(LLAMA_CMAKE_ARGS)')
+WHEELHOUSE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/corral/wheels/$(LLAMA_CPP_PYTHON)-$(WHEEL_KEY)
+
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	rm -rf '$(WHEELHOUSE).tmp' && mkdir -p '$(WHEELHOUSE).tmp'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_PYTHON) -w '$(WHEELHOUSE).tmp'
+	rm -rf '$(WHEELHOUSE)' && mv '$(WHEELHOUSE).tmp' '$(WHEELHOUSE)'
+	touch '$@'
+
+# Runtime install: what `corral demo` needs; the wheel above first, so `pip install -e .` finds it installed.
+$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+	$(BIN)/python -m pip install --no-deps --force-reinstall '$(WHEELHOUSE)'/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(BIN)/python -m pip install '$(WHEELHOUSE)'/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/python -m pip install -e .
 	touch $@
 
@@ -44,6 +60,10 @@ lint: venv
 test: venv lint
 	CORRAL_REF_CONVERTER=$(abspath $(REF_CONVERTER)) $(BIN)/python -m pytest; rc=$$?; \
 		if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# The trained miniature models the quality tests use (~10 min on 2 cores the first time, then cached).
+trained: venv
+	$(BIN)/python -m tests.helpers.trained
 
 demo: $(VENV)/.installed
 	$(BIN)/corral demo

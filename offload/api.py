@@ -9,7 +9,7 @@ from typing import Any
 from corral.convert.errors import UsageError
 from corral.convert.units import format_bytes as human
 
-from . import cpu_measure, cpu_probe, memory, speculation, throughput
+from . import cpu_measure, cpu_probe, memory, rpc, speculation, throughput
 from .hardware import Hardware, detect_hardware
 from .load_settings import LoadSettings, resolve_flash_attn
 from .plan import Plan
@@ -46,7 +46,8 @@ def plan_model(model: str | Path, options: PlanOptions = PlanOptions(), hardware
     draft = None
     if options.draft is not None:  # the draft first: it runs k times per step, so it gets the GPU first
         draft = plan_model(options.draft, PlanOptions(n_ctx=options.n_ctx or BASE_CTX, kv_type=options.kv_type,
-                                                      n_threads=options.n_threads), hardware)
+                                                      n_threads=options.n_threads),
+                           replace(hardware, rpc_workers=()))  # the draft stays on this machine
         hardware = speculation.reserve(hardware, draft)
     plan = plan_profile(profile, options, hardware, notes=notes, model_path=str(path) if path else None)
     plan = _with_cpu_rates(plan, profile, options, hardware, notes, path)
@@ -151,7 +152,11 @@ def _build(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement, sp
            warnings: list[str], model_path: str | None) -> Plan:
     s = p.settings
     threads = _threads(o, hw)
-    split = tuple(float(x) for x in p.gpu_counts) if hw.gpus and p.n_gpu_layers else ()
+    split = tuple(float(x) for x in p.gpu_counts) if (hw.gpus or hw.rpc_workers) and p.n_gpu_layers else ()
+    # every worker is registered; without local GPUs the devices are named (the workers', in --rpc order), with
+    # them llama.cpp's default order is the same (workers first, then GPUs) and names the GPUs itself
+    servers = tuple(w.endpoint for w in hw.rpc_workers)
+    names = tuple(d.name for w in hw.rpc_workers for d in w.devices) if not hw.gpus else ()
     overrides: tuple[tuple[str, str], ...] = ()
     if p.attn_only_layers:
         ids = "|".join(str(i) for i in p.attn_only_layers)
@@ -160,7 +165,7 @@ def _build(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement, sp
         n_ctx=s.n_ctx, n_gpu_layers=p.n_gpu_layers, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
         n_threads_batch=max(threads, hw.cpu_threads if o.n_threads is None else threads), kv_type=s.kv_type,
         flash_attn=s.flash_attn, use_extra_bufts=s.repack, tensor_split=split, split_mode="layer",
-        tensor_overrides=overrides)
+        tensor_overrides=overrides, rpc_servers=servers, devices=names)
     warnings += _warnings(profile, hw, p, speed)
     advice = _advice(profile, hw, o, p, speed)
     return Plan(
@@ -179,6 +184,8 @@ def _headline(profile: ModelProfile, p: Placement, speed: throughput.Speed) -> s
     for d in p.devices:
         if d.kind == "gpu" and d.weights_bytes:
             parts.append(f"{human(d.total_bytes)} on {d.name}")
+        elif d.kind == "rpc" and d.weights_bytes:
+            parts.append(f"{human(d.total_bytes)} on {d.name} ({d.endpoint})")
         elif d.kind == "cpu" and d.total_bytes:
             parts.append(f"{human(d.total_bytes)} in RAM")
         elif d.kind == "disk":
@@ -212,6 +219,27 @@ def _warnings(profile: ModelProfile, hw: Hardware, p: Placement, speed: throughp
                    "loading without extra buffers (slower CPU matmuls; `corral info --hardware` shows why)")
     if not hw.bandwidth_measured and hw.source == "detected":
         out.append("bandwidths are typical values, not measured on this machine")
+    return out + _rpc_warnings(hw, p)
+
+
+def _rpc_warnings(hw: Hardware, p: Placement) -> list[str]:
+    out = []
+    rows = [d for d in p.devices if d.kind == "rpc"]
+    for d in rows:
+        if not d.fits:
+            line = rpc.shortfall(d.endpoint, d.name, d.capacity_bytes, d.total_bytes)
+            out += [line] if line != p.why else []
+        elif not d.weights_bytes and p.n_gpu_layers:
+            out.append(f"worker {d.endpoint} ({d.name}) gets no layers: {human(d.capacity_bytes)} is too little "
+                       "for one layer with its compute buffer")
+    for w in hw.rpc_workers:
+        if not w.link.measured:
+            out.append(f"the link to worker {w.endpoint} was not measured: assuming gigabit Ethernet")
+    guessed = sorted({w.endpoint for w in hw.rpc_workers for dev in w.devices if dev.bandwidth is None})
+    if guessed:
+        out.append(f"memory bandwidth of worker {', '.join(guessed)} unknown: a CPU device taken to read like this "
+                   f"machine's RAM ({hw.ram_bandwidth / 1e9:.1f} GB/s), a GPU like a typical card "
+                   "(--rpc-memory-bandwidth sets it)")
     return out
 
 
@@ -227,7 +255,7 @@ def _advice(profile: ModelProfile, hw: Hardware, o: PlanOptions, p: Placement,
     if hw.gpus and p.n_full < profile.n_layer + 1:
         missing = sum(d.weights_bytes for d in p.devices if d.kind in ("cpu", "disk"))
         out.append(f"{human(missing)} more GPU memory would put every layer on GPU")
-    if not hw.gpus and profile.n_layer > 40:
+    if not hw.gpus and not hw.rpc_workers and profile.n_layer > 40:
         out.append("a GPU holding even a few layers (attention + KV) speeds up generation")
     if o.n_ctx and p.settings.n_ctx > BASE_CTX and (not p.fits or p.disk_stream_bytes):
         out.append(f"a smaller --ctx (e.g. {BASE_CTX}) frees {human(p.kv_layer_bytes * profile.n_layer)} of KV")
@@ -249,9 +277,10 @@ class QuantRow:
 
     def to_json(self) -> dict[str, Any]:
         by = {k: sum(d.total_bytes if k != "disk" else d.weights_bytes for d in self.plan.devices if d.kind == k)
-              for k in ("gpu", "cpu", "disk")}
+              for k in ("gpu", "rpc", "cpu", "disk")}
         return {"quant": self.quant, "fits": self.plan.fits, "file_bytes": self.plan.file_bytes,
-                "gpu_bytes": by["gpu"], "ram_bytes": by["cpu"], "disk_bytes": by["disk"], "n_ctx": self.plan.n_ctx,
+                "gpu_bytes": by["gpu"], "worker_bytes": by["rpc"], "ram_bytes": by["cpu"], "disk_bytes": by["disk"],
+                "n_ctx": self.plan.n_ctx,
                 "tokens_per_second": self.plan.tokens_per_second}
 
 

@@ -16,6 +16,7 @@ from corral.convert.units import GiB
 from .cpu_rates import CpuRates, rates_from_json
 from .gpus import GPUSpec, find_gpu
 from .memlimit import cgroup_memory_limit
+from .rpc import RpcWorker, workers_from_json
 
 # Used only when nothing better is known (no measurement cached, unknown card): conservative typical values.
 DEFAULT_RAM_BANDWIDTH = 20e9  # dual-channel DDR4/DDR5 desktop, effective read
@@ -59,6 +60,7 @@ class Hardware:
     cpu_rates: CpuRates | None = None  # llama.cpp's CPU decode rates (None: typical values)
     measure_cpu: bool = False  # detected with measuring on: plan_model may time the CPU kernels it needs
     ram_limit: str = "machine"  # what bounds ram_total: "machine", "cgroup v1 /path", "cgroup v2 /path", "--ram"
+    rpc_workers: tuple[RpcWorker, ...] = ()  # llama.cpp RPC workers whose devices the plan may use (offload.rpc)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +94,7 @@ def hardware_from_json(data: dict[str, Any]) -> Hardware:
         values[key] = frozenset(values.get(key, ()))
     if values.get("cpu_rates") is not None:
         values["cpu_rates"] = rates_from_json(values["cpu_rates"])
+    values["rpc_workers"] = workers_from_json(values.get("rpc_workers") or [])
     values["measure_cpu"] = False  # a described machine is never timed
     try:
         return Hardware(**values)

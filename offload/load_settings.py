@@ -55,6 +55,8 @@ class LoadSettings:
     main_gpu: int = 0
     split_mode: str = "layer"  # a key of SPLIT_MODES
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # (tensor name regex, device name)
+    rpc_servers: tuple[str, ...] = ()  # RPC worker endpoints ("HOST:PORT") to register before loading
+    devices: tuple[str, ...] = ()  # ggml device names in tensor_split's order; empty = llama.cpp's defaults
 
     def __post_init__(self) -> None:
         memory.kv_type(self.kv_type)
@@ -96,6 +98,10 @@ class LoadSettings:
                "-tb", str(self.n_threads_batch), "-fa", "on" if self.flash_attn else "off"]
         if self.kv_type != "f16":
             cli += ["-ctk", self.kv_type, "-ctv", self.kv_type]
+        if self.rpc_servers:
+            cli += ["--rpc", ",".join(self.rpc_servers)]
+        if self.devices:
+            cli += ["-dev", ",".join(self.devices)]
         if self.tensor_split:
             cli += ["-sm", self.split_mode, "-mg", str(self.main_gpu),
                     "-ts", ",".join(str(int(x)) if x == int(x) else str(x) for x in self.tensor_split)]

@@ -10,10 +10,11 @@ from .load_settings import LoadSettings
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """Bytes on one device: a GPU (GPU0, GPU1, ...), the CPU's RAM, or the disk (streamed through mmap)."""
+    """Bytes on one device: a GPU (GPU0, GPU1, ...), an RPC worker's device (RPC0, RPC1, ... as ggml names
+    them), the CPU's RAM, or the disk (streamed through mmap)."""
 
     name: str
-    kind: str  # "gpu" | "cpu" | "disk"
+    kind: str  # "gpu" | "rpc" | "cpu" | "disk"
     label: str  # card / CPU model / "mmap from disk"
     weights_bytes: int
     kv_bytes: int
@@ -27,6 +28,7 @@ class DevicePlan:
     output_bytes: int = 0  # CPU: llama.cpp's logits buffer (part of overhead_bytes)
     mapped_range_bytes: int = 0  # CPU: the CPU_Mapped buffer llama.cpp logs (file range, gaps included)
     amx_bytes: int = 0  # CPU: llama.cpp's AMX buffer (part of weights_bytes, never evictable)
+    endpoint: str = ""  # an RPC device: its worker's HOST:PORT
 
     @property
     def total_bytes(self) -> int:

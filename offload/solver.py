@@ -1,5 +1,6 @@
-"""Placement: whole layers to GPUs (balanced by free memory), then attention + KV of further layers with their
-FFN in RAM (tensor overrides), the rest in RAM behind mmap, and whatever RAM cannot hold streamed from disk."""
+"""Placement: whole layers to RPC workers' devices and GPUs (balanced by free memory), then attention + KV of
+further layers with their FFN in RAM (tensor overrides; without workers), the rest in RAM behind mmap, and
+whatever RAM cannot hold streamed from disk."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from functools import cached_property
 
 from corral.convert.units import format_bytes as human
 
-from . import memory
-from .hardware import Hardware
+from . import memory, rpc
+from .hardware import DEFAULT_GPU_BANDWIDTH, Hardware
 from .plan import DevicePlan
 from .profile import ModelProfile, TensorInfo
 
@@ -66,13 +67,13 @@ class Placement:
     settings: Settings
     n_full: int  # llama.cpp positions fully on GPU, counting the output layer as one
     n_attn_only: int
-    gpu_counts: tuple[int, ...]  # positions per GPU (tensor_split)
+    gpu_counts: tuple[int, ...]  # positions per device: workers' devices, then GPUs (tensor_split)
     attn_only_layers: tuple[int, ...]
     output_on_gpu: bool
     repack: bool
     devices: tuple[DevicePlan, ...]
     cpu_weights_read: int  # CPU-resident weights read per token (token_embd excluded: one row per token)
-    gpu_weights_read: tuple[int, ...]
+    gpu_weights_read: tuple[int, ...]  # per device, in gpu_counts' order
     disk_stream_bytes: int
     swap_bytes: int
     kv_layer_bytes: int
@@ -145,21 +146,24 @@ def solve(profile: ModelProfile, hw: Hardware, s: Settings, costs: Costs | None 
     comp_full = memory.compute_buffer_bytes(profile, s.n_ctx, s.n_ubatch, s.flash_attn)
     out_delta = comp_full - comp_layers
     gpus = hw.gpus
-    overheads = [memory.CUDA_OVERHEAD + memory.gpu_margin(g.total_bytes) for g in gpus]
-    base_budgets = [g.free_bytes - o - comp_layers - c.rope for g, o in zip(gpus, overheads)]
+    remote = remote_slots(hw)  # llama.cpp's order: the workers' devices first, then the local GPUs
+    overheads = [r.overhead for r in remote] + [memory.CUDA_OVERHEAD + memory.gpu_margin(g.total_bytes)
+                                                for g in gpus]
+    frees = [r.free for r in remote] + [g.free_bytes for g in gpus]
+    base_budgets = [f - o - comp_layers - c.rope for f, o in zip(frees, overheads)]
 
     def budgets(k: int) -> list[int]:
         b = list(base_budgets)
-        if b and k < c.n_positions:
-            b[0] -= OP_OFFLOAD_COPIES * c.max_ffn_tensor
+        if gpus and k < c.n_positions:  # op offload runs on the first local GPU (an RPC device has none)
+            b[len(remote)] -= OP_OFFLOAD_COPIES * c.max_ffn_tensor
         return b
 
     def feasible(k: int, m: int) -> list[int] | None:
         return _partition(_items(c, k, m, kv_layer, out_delta)[0], budgets(k))
 
     k = m = 0
-    counts: list[int] = [0] * len(gpus)
-    if gpus and s.n_gpu_layers != 0:
+    counts: list[int] = [0] * len(frees)
+    if frees and s.n_gpu_layers != 0:
         if s.n_gpu_layers is not None:
             k = min(max(s.n_gpu_layers, 0), c.n_positions)
             found = feasible(k, 0)
@@ -173,7 +177,8 @@ def solve(profile: ModelProfile, hw: Hardware, s: Settings, costs: Costs | None 
                 else:
                     hi = mid - 1
             k = lo
-            lo, hi = 0, (n - max(k - 1, 0)) if k >= 1 else 0
+            # attention-only layers would cross the network twice per layer: not with workers
+            lo, hi = 0, (n - max(k - 1, 0)) if k >= 1 and not remote else 0
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if feasible(k, mid) is not None:
@@ -181,8 +186,13 @@ def solve(profile: ModelProfile, hw: Hardware, s: Settings, costs: Costs | None 
                 else:
                     hi = mid - 1
             m = lo
-            counts = feasible(k, m) or [0] * len(gpus)
-    return _account(profile, hw, s, c, k, m, counts, kv_layer, comp_layers, comp_full, overheads)
+            counts = feasible(k, m) or [0] * len(frees)
+    return _account(profile, hw, s, c, k, m, counts, kv_layer, comp_layers, comp_full, overheads, remote)
+
+
+def remote_slots(hw: Hardware) -> tuple[rpc.RemoteSlot, ...]:
+    """The RPC workers' devices the solver fills before the local GPUs."""
+    return rpc.remote_slots(hw.rpc_workers, hw.ram_bandwidth, DEFAULT_GPU_BANDWIDTH)
 
 
 def _proportional_counts(k: int, budgets: list[int]) -> list[int]:
@@ -194,7 +204,8 @@ def _proportional_counts(k: int, budgets: list[int]) -> list[int]:
 
 
 def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int, m: int, counts: list[int],
-             kv_layer: int, comp_layers: int, comp_full: int, overheads: list[int]) -> Placement:
+             kv_layer: int, comp_layers: int, comp_full: int, overheads: list[int],
+             remote: tuple[rpc.RemoteSlot, ...] = ()) -> Placement:
     n = profile.n_layer
     item_costs, item_layers = _items(c, k, m, kv_layer, 0)
     attn_only = tuple(item_layers[:m])
@@ -206,10 +217,11 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
                 layer_gpu[item_layers[pos]] = g
             pos += 1
     output_on_gpu = -1 in layer_gpu
-    gpu_w = [0] * len(hw.gpus)
-    gpu_kv = [0] * len(hw.gpus)
-    gpu_layers = [0] * len(hw.gpus)
-    gpu_attn = [0] * len(hw.gpus)
+    n_dev = len(remote) + len(hw.gpus)
+    gpu_w = [0] * n_dev
+    gpu_kv = [0] * n_dev
+    gpu_layers = [0] * n_dev
+    gpu_attn = [0] * n_dev
     cpu_tensors: list[TensorInfo] = []
     cpu_kv = 0
     cpu_layers = 0
@@ -240,20 +252,27 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
                 gpu_attn[g] += 1
             else:
                 gpu_layers[g] += 1
-    hosts = [gpu_layers[g] + gpu_attn[g] > 0 or (output_on_gpu and layer_gpu[-1] == g) for g in range(len(hw.gpus))]
-    has_gpu = bool(hw.gpus)
+    hosts = [gpu_layers[g] + gpu_attn[g] > 0 or (output_on_gpu and layer_gpu[-1] == g) for g in range(n_dev)]
+    has_gpu = bool(hw.gpus)  # local GPUs: their host buffer and op offload change the CPU's buffers
     partial = has_gpu and (cpu_layers > 0 or not output_on_gpu or bool(attn_only))
     devices: list[DevicePlan] = []
     gpu_read: list[int] = []
-    for g, gpu in enumerate(hw.gpus):
+    for g in range(n_dev):
         comp = 0
         if hosts[g]:
             comp = comp_layers + (comp_full - comp_layers if output_on_gpu and layer_gpu[-1] == g else 0)
-            if g == 0 and partial:
+            if g == len(remote) and partial:
                 comp += OP_OFFLOAD_COPIES * c.max_ffn_tensor
         w = gpu_w[g] + (c.rope if hosts[g] else 0)
-        devices.append(DevicePlan(f"GPU{g}", "gpu", gpu.name, w, gpu_kv[g], comp, overheads[g], gpu.free_bytes,
-                                  gpu.bandwidth, gpu_layers[g], gpu_attn[g]))
+        if g < len(remote):
+            r = remote[g]
+            over = overheads[g] if hosts[g] else 0  # a worker's device that takes nothing allocates nothing
+            devices.append(DevicePlan(r.device.name, "rpc", r.label, w, gpu_kv[g], comp, over, r.free,
+                                      r.bandwidth, gpu_layers[g], gpu_attn[g], endpoint=r.device.endpoint))
+        else:
+            gpu = hw.gpus[g - len(remote)]
+            devices.append(DevicePlan(f"GPU{g - len(remote)}", "gpu", gpu.name, w, gpu_kv[g], comp, overheads[g],
+                                      gpu.free_bytes, gpu.bandwidth, gpu_layers[g], gpu_attn[g]))
         gpu_read.append(w)
 
     # CPU: extra-buffer copies (CPU_REPACK, AMX) and everything else anonymous must be resident; mapped weights
@@ -293,6 +312,9 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
 
     why = ""
     for d in devices:
+        if d.kind == "rpc" and not d.fits:
+            why = rpc.shortfall(d.endpoint, d.name, d.capacity_bytes, d.total_bytes)
+            break
         if d.kind == "gpu" and not d.fits:
             why = (f"{d.name} needs {human(d.total_bytes)} but has {human(d.capacity_bytes)} free "
                    f"(n_gpu_layers={k + m})")

@@ -3,12 +3,15 @@ its time is the sum over tiers (each GPU, the CPU, the disk) of the bytes read t
 the CPU the dequantizing dot products can be slower than the memory, so the CPU tier takes the larger of its
 memory time and its compute time (weights / the weights/s of their types, measured on the machine by
 `cpu_measure`). Add the per-token overhead measured with those rates (graph, layers, logits and sampling).
+An RPC worker's device is a tier of its own (a worker's CPU like this machine's CPU) and the network one more
+(offload.rpc: a round trip and the activations per stretch of layers on a worker).
 Prompt processing is compute bound (big batches)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import memory, rpc
 from .cpu_rates import TYPICAL_AVX2, TYPICAL_OTHER, CpuRates, Overhead
 from .hardware import Hardware
 from .profile import ModelProfile
@@ -70,10 +73,21 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     tiers: dict[str, float] = {}
     cpu = next(d for d in p.devices if d.kind == "cpu")
     gpus = [d for d in p.devices if d.kind == "gpu"]
-    for d, read in zip(gpus, p.gpu_weights_read):
+    accel = [d for d in p.devices if d.kind in ("rpc", "gpu")]  # the order of p.gpu_weights_read
+    remote_cpus = {dev.name for w in hw.rpc_workers for dev in w.devices if dev.is_cpu}
+    for d, read in zip(accel, p.gpu_weights_read):
         layers = d.layers + d.attn_layers
-        if read or d.kv_bytes:
-            tiers[d.name] = (read + d.kv_bytes * kv_frac) / d.bandwidth + layers * GPU_TOKEN_PER_LAYER_S
+        if not (read or d.kv_bytes):
+            continue
+        memory_s = (read + d.kv_bytes * kv_frac) / d.bandwidth
+        if d.name in remote_cpus:  # a worker's CPU: like this one, memory or its dot products, whichever is slower
+            tiers[d.name] = max(memory_s, read / cpu_bytes_per_s(profile, rates, threads)) + layers * over.per_layer_s
+        else:
+            tiers[d.name] = memory_s + layers * GPU_TOKEN_PER_LAYER_S
+    stretches = network_stretches(p, hw)
+    if stretches:
+        mask = memory.pad_ctx(max(1, fill)) * (2 if p.settings.flash_attn else 4)
+        tiers["network"] = rpc.network_seconds(stretches, profile.n_embd, profile.n_vocab, mask)
     cpu_bytes = p.cpu_weights_read + cpu.kv_bytes * kv_frac
     if cpu_bytes:
         memory_s = cpu_bytes / hw.ram_bandwidth
@@ -93,8 +107,12 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     flops_per_weight = 2.0 * _layer_fraction(profile)
     weights_per_byte = _weights_per_byte(profile)
     gpu_s = 0.0
-    for d, read in zip(gpus, p.gpu_weights_read):
-        gpu_s += flops_per_weight * (read * weights_per_byte) / (d.bandwidth * GPU_FLOPS_PER_BYTE_PER_S)
+    for d, read in zip(accel, p.gpu_weights_read):
+        if d.name in remote_cpus:
+            gpu_s += flops_per_weight * (read * weights_per_byte) / (max(1, threads) * CPU_FLOPS_PER_THREAD)
+        else:
+            gpu_s += flops_per_weight * (read * weights_per_byte) / (d.bandwidth * GPU_FLOPS_PER_BYTE_PER_S)
+    gpu_s += rpc.prompt_network_seconds(stretches, profile.n_embd, p.settings.n_ubatch)
     cpu_weights = p.cpu_weights_read * weights_per_byte
     if gpus:  # big batches of CPU weights run on the GPU after a PCIe copy, once per ubatch
         pp_cpu = (p.cpu_weights_read / PCIE_BANDWIDTH) / max(1, p.settings.n_ubatch)
@@ -104,6 +122,18 @@ def estimate(profile: ModelProfile, hw: Hardware, p: Placement, *, threads: int,
     pp_disk = (p.disk_stream_bytes / hw.disk_bandwidth) / max(1, p.settings.n_ubatch)
     pp = PP_PER_TOKEN_S + gpu_s + pp_cpu + pp_disk + over.per_layer_s * profile.n_layer / max(1, p.settings.n_ubatch)
     return Speed(1.0 / per_token, 1.0 / pp if pp > 0 else 0.0, tiers)
+
+
+def network_stretches(p: Placement, hw: Hardware) -> list[tuple[rpc.RpcLink, bool]]:
+    """The runs of layers on RPC workers' devices in compute order, each with its link and whether it ends with
+    the output layer (the last device that holds anything holds the output when it is off the CPU)."""
+    accel = [d for d in p.devices if d.kind in ("rpc", "gpu")]
+    used = [d for d in accel if d.weights_bytes]
+    if not any(d.kind == "rpc" for d in used):
+        return []
+    links = {w.endpoint: w.link for w in hw.rpc_workers}
+    last = used[-1].name if p.output_on_gpu else None
+    return [(links[d.endpoint], d.name == last) for d in used if d.kind == "rpc"]
 
 
 def disk_read_seconds(streamed: int, hw: Hardware) -> float:

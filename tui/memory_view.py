@@ -93,11 +93,13 @@ def _probe(proc: psutil.Process) -> LiveUsage:
 
 
 def device_kind(device: DevicePlan) -> tuple[str, int | None]:
-    """('gpu', index) | ('ram', None) | ('disk', None) from a plan device's `kind` or its name."""
+    """('gpu', index) | ('rpc', index) | ('ram', None) | ('disk', None) from a plan device's `kind` or its name."""
     kind = device.kind.lower()
     name = device.name.lower()
     digits = re.search(r"(\d+)", name)
     index = int(digits.group(1)) if digits else None
+    if kind == "rpc":  # a device of an RPC worker (another machine)
+        return "rpc", index
     if kind in ("gpu", "cuda") or name.startswith(("cuda", "gpu", "vulkan", "metal")):
         return "gpu", index
     if kind == "disk" or (not kind and ("disk" in name or "mmap" in name)):
@@ -149,6 +151,8 @@ def render_memory(plan: Plan | None, live: LiveUsage) -> Group:
                 now = f"{_b(gpu.used_bytes)} VRAM used{mine}"
             else:
                 now = "VRAM: no NVML"
+        elif kind == "rpc":
+            now = f"on worker {device.endpoint}"
         elif kind == "ram":
             now = f"{_b(live.rss_bytes)} RSS"
         else:

@@ -129,6 +129,8 @@ def build_params(settings: LoadSettings) -> NativeParams:
         arr = (ctypes.c_float * n_max)(*settings.tensor_split)
         keep.append(arr)
         mp.tensor_split = arr
+    if settings.rpc_servers or settings.devices:
+        keep.append(_attach_devices(mp, settings))
     mp.use_extra_bufts = settings.use_extra_bufts
     mmap, mlock = settings.use_mmap, settings.use_mlock
     mp.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mmap and mlock else lc.LLAMA_LOAD_MODE_MLOCK
@@ -150,6 +152,21 @@ def build_params(settings: LoadSettings) -> NativeParams:
     cp.offload_kqv = True
     cp.type_k = cp.type_v = settings.kv_type_id
     return NativeParams(model=mp, context=cp, n_batch=n_batch, keep=keep)
+
+
+def _attach_devices(mp: Any, settings: LoadSettings) -> Any:
+    """Register the settings' RPC workers, then point `llama_model_params.devices` at a NULL-terminated array of
+    the named devices (llama.cpp's default devices when none are named); the array, to be kept alive."""
+    from corral.app.runtime import rpc
+
+    for endpoint in settings.rpc_servers:
+        rpc.add_server(endpoint)
+    if not settings.devices:
+        return None
+    handles = [rpc.device_handle(name) for name in settings.devices]
+    array = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+    mp.devices = ctypes.addressof(array)
+    return array
 
 
 class LogCapture:

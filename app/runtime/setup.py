@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from corral.convert.errors import InputNotFound, UsageError
 from corral.offload import memory
 from corral.offload.load_settings import LoadSettings, resolve_flash_attn
+from corral.offload.rpc import RpcWorker, check_unique, with_memory_bandwidth
 
 if TYPE_CHECKING:
     from corral.convert.gguf_file import GGUFModelFile
@@ -34,6 +35,8 @@ class EngineOptions:
     use_mlock: bool | None = None
     draft: str | None = None  # a draft model for speculative decoding (GGUF path or name)
     draft_max: int = 8  # most tokens drafted per step
+    rpc: tuple[str, ...] = ()  # RPC worker endpoints (HOST:PORT) the plan may place layers on
+    rpc_memory_bandwidth: float | None = None  # bytes/s the workers' devices read at (None: offload.rpc's guess)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -66,7 +69,24 @@ def make_plan(path: Path, options: EngineOptions, model_file: GGUFModelFile | No
     plan_options = PlanOptions(n_ctx=n_ctx or None, kv_type=options.kv_type or "f16", n_threads=options.n_threads,
                                n_gpu_layers=options.n_gpu_layers, draft=str(resolve_model_path(options.draft)) if options.draft else None,
                                draft_max=options.draft_max)
-    return plan_model(path, plan_options)
+    hardware = None
+    if options.rpc:
+        from corral.offload.hardware import detect_hardware
+
+        hardware = replace(detect_hardware(path),
+                           rpc_workers=probe_workers(options.rpc, options.rpc_memory_bandwidth))
+    return plan_model(path, plan_options, hardware)
+
+
+def probe_workers(endpoints: Sequence[str], memory_bandwidth: float | None = None) -> tuple[RpcWorker, ...]:
+    """Ask each RPC worker for its devices and free memory and measure the link to it (registers the workers'
+    devices in this process, as loading needs them); `memory_bandwidth` for devices whose speed is unknown."""
+    if not endpoints:
+        return ()
+    from corral.app.runtime import rpc as worker_rpc
+
+    workers = tuple(worker_rpc.probe(endpoint) for endpoint in check_unique(endpoints))
+    return with_memory_bandwidth(workers, memory_bandwidth) if memory_bandwidth else workers
 
 
 def apply_options(settings: LoadSettings, options: EngineOptions) -> LoadSettings:

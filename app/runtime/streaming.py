@@ -373,7 +373,7 @@ def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
         return None
     n_layer = int(model_file.arch_key("{arch}.block_count", 0) or 0)
     on_gpu = 0
-    if any(d.kind == "gpu" for d in plan.devices):
+    if any(d.kind in ("gpu", "rpc") for d in plan.devices):  # RPC workers' devices take layers as GPUs do
         on_gpu = settings.n_gpu_layers if settings.n_gpu_layers >= 0 else n_layer + 1
     # llama.cpp puts the output head on the GPU first, then the last layers (unit n_layer is the head)
     first_gpu = max(0, n_layer + 1 - on_gpu)

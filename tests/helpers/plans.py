@@ -31,9 +31,11 @@ def make_plan(shape: ModelShape = TINY_SHAPE, quant: str = "F16", options: PlanO
               hardware: Hardware = CPU_MACHINE, **changes: Any) -> Plan:
     """The planner's plan for `shape` as `quant` on `hardware`, with `changes` applied: names of `Plan` fields
     (fits, advice, devices, ...) replace those, names of `LoadSettings` fields (tensor_overrides, n_ctx, ...)
-    replace those in `plan.load`."""
+    replace those in `plan.load`. `devices` is both: DevicePlan values are the plan's rows, device names (str)
+    the load settings' ggml devices."""
     plan = plan_profile(profile_from_shape(shape, quant), options, hardware)
-    load = {k: changes.pop(k) for k in list(changes) if k in _LOAD_FIELDS}
+    rows = "devices" in changes and not all(isinstance(d, str) for d in changes["devices"])
+    load = {k: changes.pop(k) for k in list(changes) if k in _LOAD_FIELDS and not (k == "devices" and rows)}
     for key in ("devices", "warnings", "advice"):
         if key in changes:
             changes[key] = tuple(changes[key])
