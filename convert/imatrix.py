@@ -23,8 +23,9 @@ SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
 MAX_NAME_BYTES = 4096
 WHERE_TO_GET = (
-    "make one with llama.cpp's `llama-imatrix -m MODEL.gguf -f calibration.txt`, or download the "
-    "`imatrix.dat`/`*.imatrix.gguf` published beside most GGUF quants on Hugging Face"
+    "make one with `corral imatrix MODEL.gguf -o imatrix.gguf` (the model itself or its Q8_0; the same file "
+    "llama.cpp's llama-imatrix writes), or download the `imatrix.dat`/`*.imatrix.gguf` published beside most "
+    "GGUF quants on Hugging Face"
 )
 
 

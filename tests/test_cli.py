@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from corral.app.cli.main import cli
 
-COMMANDS = ["plan", "convert", "quantize", "download", "info", "ask", "chat", "demo", "serve"]
+COMMANDS = ["plan", "convert", "quantize", "imatrix", "download", "info", "ask", "chat", "demo", "serve"]
 
 
 def test_top_level_help_lists_every_command() -> None:

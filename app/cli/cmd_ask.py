@@ -19,6 +19,7 @@ from corral.app.cli.model_options import ModelArgs, load_model, model_options, p
 from corral.app.cli.saved_ask import SavedConversation
 from corral.app.runtime.api import ChatEngine, Generation, Message
 from corral.app.runtime.draft import draft_json
+from corral.app.runtime.rpc import on_fatal
 from corral.convert.errors import Cancelled, ContextOverflow, UsageError
 
 if TYPE_CHECKING:
@@ -158,8 +159,14 @@ def _answer(engine: ChatEngine, args: ModelArgs, messages: list[Message], cancel
         out.flush()
         wrote.append(piece)
 
+    def end_line(_message: str) -> None:  # a lost RPC worker: the text so far stays, the error follows
+        if wrote and not wrote[-1].endswith("\n"):
+            out.write("\n")
+            out.flush()
+
     shown = len(engine.warnings)
-    result = engine.generate(messages, args.sampling, on_text=on_text if stream else None, cancel=cancel)
+    with on_fatal(end_line):
+        result = engine.generate(messages, args.sampling, on_text=on_text if stream else None, cancel=cancel)
     for message in engine.warnings[shown:]:
         ui.warn(message)
     stats = result.stats

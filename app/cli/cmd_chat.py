@@ -110,6 +110,41 @@ def chat(resume: int | None, new: bool, list_: bool, export_id: int | None, expo
         store.close()
 
 
+# Textual's terminal modes, switched off: kitty keyboard flags, focus events, bracketed paste, mouse reporting,
+# the alternate screen; then the cursor shown again.
+_TERMINAL_RESET = ("\x1b[<u\x1b[?1004l\x1b[?2004l\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1015l\x1b[?1006l"
+                   "\x1b[?1049l\x1b[?25h")
+
+
+def _keep_reply_on_worker_loss(app: Any, store: ChatStore) -> Callable[[str], None]:
+    """A hook for a lost RPC worker (the process leaves right after it): the reply so far is saved as a
+    stopped reply and the terminal is given back, so the one-line error is readable."""
+    import os
+    import termios
+
+    try:
+        saved_modes = termios.tcgetattr(sys.stdin.fileno())
+    except (termios.error, OSError, ValueError):
+        saved_modes = None
+
+    def hook(_message: str) -> None:
+        screen = app.chat_screen
+        job = screen.job if screen is not None else None
+        try:
+            if job is not None and not job.save_failed:
+                text = job.box.content + job.buffer.drain()
+                if job.message_id is None and text:
+                    job.message_id = store.start_reply(job.conversation_id, text)
+                if job.message_id is not None:
+                    store.update_reply(job.message_id, text, status="cancelled")
+        finally:
+            if saved_modes is not None:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved_modes)
+            os.write(sys.__stdout__.fileno(), _TERMINAL_RESET.encode())
+
+    return hook
+
+
 def _run_app(factory: EngineFactory, store: ChatStore, args: ModelArgs, label: str, headline: str,
              resume: int | None, new: bool, export_dir: Path | None, tools: ToolSet | None = None) -> None:
     from corral.tui.app import make_app
@@ -126,8 +161,11 @@ def _run_app(factory: EngineFactory, store: ChatStore, args: ModelArgs, label: s
         export_dir=export_dir,
         tools=tools,
     )
+    from corral.app.runtime.rpc import on_fatal
+
     try:
-        app.run()
+        with on_fatal(_keep_reply_on_worker_loss(app, store)):
+            app.run()
     finally:
         app.shutdown()
     failure = app.failure

@@ -23,8 +23,8 @@ class _QuantizeCommand(click.Command):
         with formatter.section("Types (bits/weight: nominal, whole file on Llama 3.1 8B)"):
             formatter.write_dl([(r[0], f"{r[1]} {r[2]}  {r[3]}") for r in rows], col_max=12)
         formatter.write_paragraph()
-        formatter.write_text("Q4_K/Q5_K/Q3_K mean the _M mixes. Importance matrices: legacy .dat or GGUF "
-                             "imatrix files from llama.cpp's llama-imatrix.")
+        formatter.write_text("Q4_K/Q5_K/Q3_K mean the _M mixes. Importance matrices: GGUF or legacy .dat "
+                             "imatrix files, from `corral imatrix` or llama.cpp's llama-imatrix.")
 
 
 @click.command("quantize", cls=_QuantizeCommand)

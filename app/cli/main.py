@@ -69,12 +69,15 @@ def _register() -> None:
     from corral.app.cli.cmd_convert import convert
     from corral.app.cli.cmd_demo import demo
     from corral.app.cli.cmd_download import download
+    from corral.app.cli.cmd_eval import eval_
+    from corral.app.cli.cmd_imatrix import imatrix
     from corral.app.cli.cmd_info import info
     from corral.app.cli.cmd_plan import plan
     from corral.app.cli.cmd_quantize import quantize
     from corral.app.cli.cmd_serve import serve
+    from corral.app.cli.cmd_worker import worker
 
-    for command in (plan, convert, quantize, download, info, ask, chat, demo, serve):
+    for command in (plan, convert, quantize, imatrix, eval_, download, info, ask, chat, demo, serve, worker):
         cli.add_command(command)
 
 

@@ -64,9 +64,11 @@ def load_engine(
     cancel: threading.Event | None = None,
     plan: Plan | None = None,
     model_file: GGUFModelFile | None = None,
+    eval_callback: Callable[[int, bool, Any], bool] | None = None,
 ) -> LlamaEngine:
     """Load a GGUF with the plan (made here when None) and the user's flags applied; `progress` gets 0..1;
-    setting `cancel` aborts the load (Cancelled); a plan that does not fit is refused unless forced."""
+    setting `cancel` aborts the load (Cancelled); a plan that does not fit is refused unless forced.
+    `eval_callback(tensor_address, ask, user_data)` becomes llama.cpp's `cb_eval`, beside the streamer's own."""
     options = options or EngineOptions()
     path = resolve_model_path(model_path)
     if model_file is None:
@@ -82,8 +84,9 @@ def load_engine(
     LOG.verbose = options.verbose
     native = build_params(settings)
     streamer = streaming.for_plan(plan, model_file, settings)  # weights beyond RAM stream ahead of compute
-    if streamer is not None:
-        native.context.cb_eval = streamer.callback
+    c_eval = _eval_callback(streamer, eval_callback)
+    if c_eval is not None:
+        native.context.cb_eval = c_eval
 
     model, ctx, load_log = open_model(path, native, progress=progress, cancel=cancel)
     # the engine owns model and context from here on (it frees them itself if its setup fails)
@@ -91,6 +94,7 @@ def load_engine(
                          load_log=load_log)
     engine.warnings.extend(plan.warnings)
     engine.streamer = streamer
+    engine._eval_callback = c_eval  # llama.cpp calls it for as long as the context lives
     if streamer is not None:
         try:
             streamer.start()
@@ -99,7 +103,28 @@ def load_engine(
             raise
     if draft is not None:
         attach_draft(engine, options, *draft, cancel=cancel)
+    if settings.rpc_servers:
+        from corral.app.runtime import rpc
+
+        engine.watchdog = rpc.watch_engine(engine)  # a worker that hangs ends the process with one line
     return engine
+
+
+def _eval_callback(streamer: streaming.Streamer | None,
+                   extra: Callable[[int, bool, Any], bool] | None) -> Any:
+    """llama.cpp's cb_eval: the streamer's, the caller's, or both chained (a node is asked for when either
+    wants it; both see every computed node that was asked for and check it is theirs)."""
+    if extra is None:
+        return streamer.callback if streamer is not None else None
+    if streamer is None:
+        return _lc.ggml_backend_sched_eval_callback(extra)
+    own = streamer.callback
+
+    def both(tensor: int, ask: bool, user: Any) -> bool:
+        first, second = bool(own(tensor, ask, user)), bool(extra(tensor, ask, user))
+        return (first or second) if ask else (first and second)
+
+    return _lc.ggml_backend_sched_eval_callback(both)
 
 
 class LlamaEngine:
@@ -157,6 +182,8 @@ class LlamaEngine:
         self.last_stop_token: int | None = None
         self.speculator: Any = None  # a `speculative.Speculator` when a draft model is attached
         self.streamer: streaming.Streamer | None = None  # set by load_engine when weights stream from disk
+        self._eval_callback: Any = None  # llama.cpp's cb_eval, kept alive with the context (set by load_engine)
+        self.watchdog: Any = None  # an rpc.Watchdog when layers live on RPC workers
 
     @property
     def llama_kwargs(self) -> dict[str, Any]:
@@ -363,6 +390,9 @@ class LlamaEngine:
 
     def close(self) -> None:
         """Free the context and the model."""
+        if self.__dict__.get("watchdog") is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         with self._lock:
             if self.__dict__.get("speculator") is not None:
                 self.speculator.close()
