@@ -61,7 +61,7 @@ test: venv lint
 	CORRAL_REF_CONVERTER=$(abspath $(REF_CONVERTER)) $(BIN)/python -m pytest; rc=$$?; \
 		if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
-# The trained miniature models the quality tests use (~10 min on 2 cores the first time, then cached).
+# The trained miniature models the quality tests use (trained the first time, then cached; see README).
 trained: venv
 	$(BIN)/python -m tests.helpers.trained
 

@@ -13,7 +13,7 @@ the runtime care about.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -179,9 +179,18 @@ def _shard_groups(spec: MiniSpec) -> list[list[tuple[str, tuple[int, ...]]]]:
     return [items[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
-def build_checkpoint(out_dir: str | Path, spec: MiniSpec = MiniSpec(), seed: int = 0) -> Path:
-    """Write a miniature Llama 3.1 checkpoint folder to `out_dir` and return its path."""
+def build_checkpoint(out_dir: str | Path, spec: MiniSpec = MiniSpec(), seed: int = 0,
+                     weights: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write a miniature Llama 3.1 checkpoint folder to `out_dir` and return its path.
+
+    `weights` (HF name -> float32 array, every tensor of the spec) replaces the seeded random weights.
+    """
     spec.validate()
+    if weights is not None:
+        expected = dict(hf_tensor_shapes(spec))
+        got = {name: tuple(arr.shape) for name, arr in weights.items()}
+        if got != expected:
+            raise UsageError("the given weights do not match the miniature spec's tensors and shapes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -193,7 +202,8 @@ def build_checkpoint(out_dir: str | Path, spec: MiniSpec = MiniSpec(), seed: int
         fname = "model.safetensors" if len(groups) == 1 else f"model-{index:05d}-of-{len(groups):05d}.safetensors"
         tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
         for name, shape in group:
-            data = encode(random_weight(rng, name, shape), spec.dtype)
+            arr = random_weight(rng, name, shape) if weights is None else np.asarray(weights[name], np.float32)
+            data = encode(arr, spec.dtype)
             tensors[name] = (st_dtype, shape, data)
             weight_map[name] = fname
             total_size += len(data)

@@ -40,3 +40,28 @@ def mini_gguf_f32(mini_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
 def mini_gguf_bf16(mini_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The miniature checkpoint converted to a BF16 GGUF by corral."""
     return _convert(mini_checkpoint, tmp_path_factory.mktemp("mini-gguf") / "mini-bf16.gguf", "bf16")
+
+
+@pytest.fixture(scope="session")
+def trained_models() -> dict[str, Path]:
+    """The trained miniature models' Hugging Face folders by name (built once into the cache, see
+    tests/helpers/trained)."""
+    from tests.helpers import trained
+
+    return trained.trained_models()
+
+
+@pytest.fixture(scope="session")
+def trained_hf():  # type: ignore[no-untyped-def]
+    """`trained_hf(name)`: a trained model's Hugging Face folder (built on first use, cached across sessions)."""
+    from tests.helpers import trained
+
+    return trained.trained_hf
+
+
+@pytest.fixture(scope="session")
+def trained_gguf():  # type: ignore[no-untyped-def]
+    """`trained_gguf(name, outtype="f32")`: a trained model converted by corral (cached beside the model)."""
+    from tests.helpers import trained
+
+    return trained.trained_gguf
