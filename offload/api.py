@@ -9,11 +9,12 @@ from typing import Any
 from corral.convert.errors import UsageError
 from corral.convert.units import format_bytes as human
 
-from . import cpu_measure, cpu_probe, memory, rpc, speculation, throughput
+from . import cpu_measure, cpu_probe, memory, quality, rpc, speculation, throughput
 from .hardware import Hardware, detect_hardware
 from .load_settings import LoadSettings, resolve_flash_attn
 from .plan import Plan
 from .profile import ModelProfile, load_profile
+from .quality import MeasuredQuality
 from .solver import Costs, Placement, Settings, solve
 
 BASE_CTX = 4096  # the context every plan is first solved at; auto-fit then grows it while nothing degrades
@@ -274,6 +275,12 @@ class QuantRow:
 
     quant: str
     plan: Plan
+    quality: MeasuredQuality | None = None  # corral's measurement of this type's quality loss, when shipped
+
+    @property
+    def kld(self) -> float | None:
+        """Mean KL divergence from the unquantized model (measured; 0 for unquantized types)."""
+        return quality.kld(self.quant, {self.quant: self.quality} if self.quality else {})
 
     def to_json(self) -> dict[str, Any]:
         by = {k: sum(d.total_bytes if k != "disk" else d.weights_bytes for d in self.plan.devices if d.kind == k)
@@ -281,7 +288,8 @@ class QuantRow:
         return {"quant": self.quant, "fits": self.plan.fits, "file_bytes": self.plan.file_bytes,
                 "gpu_bytes": by["gpu"], "worker_bytes": by["rpc"], "ram_bytes": by["cpu"], "disk_bytes": by["disk"],
                 "n_ctx": self.plan.n_ctx,
-                "tokens_per_second": self.plan.tokens_per_second}
+                "tokens_per_second": self.plan.tokens_per_second,
+                "quality": self.quality.to_json() if self.quality else None}
 
 
 def best_quant(model: str | Path, options: PlanOptions = PlanOptions(),
@@ -294,20 +302,22 @@ def best_quant(model: str | Path, options: PlanOptions = PlanOptions(),
     shape = ModelShape(profile.name, profile.hparams)
     if hardware is None:
         hardware = detect_hardware(profile.files[0] if profile.files else None)
+    table = quality.measured()
     rows = []
-    for q in BEST_QUANT_CANDIDATES:
+    for q in quality.by_quality(list(BEST_QUANT_CANDIDATES), table):
         prof = profile_from_shape(shape, q, source=profile.source)
-        rows.append(QuantRow(q, plan_profile(prof, replace(options, quant=q), hardware)))
+        rows.append(QuantRow(q, plan_profile(prof, replace(options, quant=q), hardware), table.get(q)))
     return rows, recommend(rows)
 
 
 def recommend(rows: list[QuantRow]) -> str | None:
-    """The most precise type that fits without disk streaming at a usable speed (at least a quarter of the
-    fastest option's, capped at 5 tok/s); if everything streams, the fastest that fits."""
+    """The most precise type (rows come ordered by measured quality) that fits without disk streaming at a usable
+    speed (at least a quarter of the fastest option's, capped at 5 tok/s); if everything streams, the fastest that
+    fits."""
     ok = [r for r in rows if r.plan.fits and not r.plan.disk_stream_bytes]
     if ok:
         fastest = max(r.plan.tokens_per_second for r in ok)
         usable = min(5.0, fastest / 4)
-        return next(r.quant for r in ok if r.plan.tokens_per_second >= usable)  # rows: most precise first
+        return next(r.quant for r in ok if r.plan.tokens_per_second >= usable)  # rows: least loss first
     fitting = [r for r in rows if r.plan.fits]
     return max(fitting, key=lambda r: r.plan.tokens_per_second).quant if fitting else None

@@ -107,7 +107,9 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
     console = Console()
     table = Table(title=Text(f"{rows[0].plan.model}: every quant on this machine" if rows else "no rows"))
     workers = any(r.plan.load.rpc_servers for r in rows)
-    for col in ("quant", "file", "fits", "GPU", *(("workers",) if workers else ()), "RAM", "disk", "max ctx", "tok/s"):
+    measured = any(r.quality for r in rows)
+    for col in ("quant", "file", "fits", "GPU", *(("workers",) if workers else ()), "RAM", "disk", "max ctx", "tok/s",
+                *(("KLD*",) if measured else ())):
         table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
     for r in rows:
         j = r.to_json()
@@ -116,15 +118,23 @@ def _best_quant(model: str, options: PlanOptions, hw: Hardware, json_: bool) -> 
             "[yellow]streams[/]" if r.plan.fits else "[red]no[/]")
         table.add_row(Text(mark + r.quant), format_bytes(r.plan.file_bytes), fits, _b(j["gpu_bytes"]),
                       *((_b(j["worker_bytes"]),) if workers else ()), _b(j["ram_bytes"]), _b(j["disk_bytes"]),
-                      str(r.plan.n_ctx), _tps(r.plan.tokens_per_second))
+                      str(r.plan.n_ctx), _tps(r.plan.tokens_per_second), *((_kld(r.kld),) if measured else ()))
     console.print(table)
+    if measured:
+        console.print("* mean KL divergence from BF16, measured by corral on a trained miniature Llama "
+                      "(bench/bench_quality.py; with or without an importance matrix, whichever lost less): it "
+                      "ranks the types; a 405B loses far less")
     if pick:
-        why = ("the most precise type that runs from memory at a usable speed"
+        why = ("the type that loses least that runs from memory at a usable speed"
                if any(r.quant == pick and not r.plan.disk_stream_bytes for r in rows)
                else "fastest; every option streams from disk")
         console.print(Text.assemble("recommended: ", (pick, "bold"), f" ({why})"))
     else:
         console.print("[red]no quant type fits this machine[/]")
+
+
+def _kld(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4f}"
 
 
 def _b(n: int) -> str:
