@@ -11,6 +11,7 @@ import ctypes
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp as _lc
 import numpy as np
@@ -52,6 +53,18 @@ def text_chunks(engine: LlamaEngine, text: str, n_ctx: int, limit: int | None = 
     return Chunks(n_ctx, tuple(tokens), count)
 
 
+def fill_batch(batch: Any, tokens: list[int], start: int, count: int, outputs_from: int) -> None:
+    """Put tokens[start:start + count] (positions start..) in `batch`, sequence 0; positions from `outputs_from`
+    on are outputs (llama.cpp computes their logits, and the last layer only for outputs)."""
+    for j in range(count):
+        batch.token[j] = tokens[start + j]
+        batch.pos[j] = start + j
+        batch.n_seq_id[j] = 1
+        batch.seq_id[j][0] = 0
+        batch.logits[j] = 1 if start + j >= outputs_from else 0
+    batch.n_tokens = count
+
+
 def decode_chunk(engine: LlamaEngine, tokens: list[int], logits_from: int,
                  cancel: threading.Event | None = None) -> np.ndarray:
     """Decode `tokens` from an empty KV cache; the logits of positions `logits_from`.. as float32 [n, n_vocab].
@@ -72,13 +85,7 @@ def decode_chunk(engine: LlamaEngine, tokens: list[int], logits_from: int,
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("interrupted")
                 m = min(step, n - start)
-                for j in range(m):
-                    batch.token[j] = tokens[start + j]
-                    batch.pos[j] = start + j
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = 1 if start + j >= logits_from else 0
-                batch.n_tokens = m
+                fill_batch(batch, tokens, start, m, outputs_from=logits_from)
                 rc = _lc.llama_decode(engine._ctx, batch)
                 if rc != 0:
                     _lc.llama_memory_clear(_lc.llama_get_memory(engine._ctx), True)

@@ -21,15 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import llama_cpp as _lc
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from corral.app.runtime.chunks import Chunks
+from corral.app.runtime.chunks import Chunks, fill_batch
 from corral.app.runtime.engine import LlamaEngine
+from corral.convert import ggml_lib
 from corral.convert.errors import Cancelled, EngineError
 from corral.convert.imatrix_write import ImatrixData, ImatrixEntry
 
@@ -65,13 +65,7 @@ class Ggml:
     """The few ggml functions the collector calls, from the library llama-cpp-python loaded."""
 
     def __init__(self) -> None:
-        lib_dir = Path(_lc.__file__).parent / "lib"
-        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-            if (lib_dir / name).exists():
-                lib = ctypes.CDLL(str(lib_dir / name))
-                break
-        else:
-            lib = ctypes.CDLL(None)
+        lib = ggml_lib.ggml()
         self.lib = lib
         self.op_name = lib.ggml_op_name
         self.op_name.restype, self.op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
@@ -260,14 +254,7 @@ def decode_all_outputs(engine: LlamaEngine, tokens: list[int], cancel: threading
                 for start in range(0, n, step):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("interrupted")
-                    m = min(step, n - start)
-                    for j in range(m):
-                        batch.token[j] = tokens[start + j]
-                        batch.pos[j] = start + j
-                        batch.n_seq_id[j] = 1
-                        batch.seq_id[j][0] = 0
-                        batch.logits[j] = 1
-                    batch.n_tokens = m
+                    fill_batch(batch, tokens, start, min(step, n - start), outputs_from=0)
                     rc = _lc.llama_decode(ctx, batch)
                     if rc != 0:
                         if cancel is not None and cancel.is_set():

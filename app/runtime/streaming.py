@@ -398,16 +398,9 @@ def measured_stream_bytes(units: Sequence[Unit], window: int) -> int | None:
 
 def _ggml_get_name() -> Any:
     """ggml_get_name from the ggml library llama-cpp-python loaded."""
-    import llama_cpp
+    from corral.convert.ggml_lib import ggml
 
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if (lib_dir / name).exists():
-            lib = ctypes.CDLL(str(lib_dir / name))
-            break
-    else:
-        lib = ctypes.CDLL(None)
-    fn = lib.ggml_get_name
+    fn = ggml().ggml_get_name
     fn.restype = ctypes.c_char_p
     fn.argtypes = [ctypes.c_void_p]
     return fn
