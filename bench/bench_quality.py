@@ -54,7 +54,7 @@ def measure(quant: Path, base: Path, args: argparse.Namespace) -> dict[str, Any]
             "ppl": out["ppl"],
             "base_ppl": out["ppl_base"], "delta_ppl": out["delta_ppl"],
             "delta_ppl_percent": 100 * out["delta_ppl"] / out["ppl_base"], "kld_mean": out["kld_mean"],
-            "kld_p99": out["kld_p99"], "top1": out["top1_agreement"]}
+            "kld_mean_stderr": out["kld_mean_stderr"], "kld_p99": out["kld_p99"], "top1": out["top1_agreement"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -57,10 +57,13 @@ def _load(path: Path, threads: int) -> LlamaEngine:
     return load_engine(path, plan=cpu_plan(n_threads=threads, n_threads_batch=threads, n_ctx=2048))
 
 
+PROMPT: str | None = None  # --trained: raw text to continue instead of a chat
+
+
 def _once(engine: LlamaEngine, settings: SamplingSettings) -> tuple[float, list[int], float]:
     """(tok/s, tokens, acceptance) of one greedy reply from an empty KV cache."""
     engine._reuse_prefix([])
-    result = engine.generate(MESSAGES, settings)
+    result = engine.generate(MESSAGES, settings) if PROMPT is None else engine.complete(PROMPT, settings)
     return result.stats.tokens_per_second, list(engine.last_completion_tokens), result.stats.acceptance_rate
 
 
@@ -118,8 +121,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--draft-max", type=int, default=8)
     ap.add_argument("--dir", type=Path, default=None, help="Keep the model files here (default: a temporary folder).")
+    ap.add_argument("--trained", action="store_true",
+                    help="Trained models instead: the 'small' trained Llama drafts for 'base-large' (the trained "
+                         "'base' with inert layers), continuing held-out text.")
     args = ap.parse_args()
     settings = SamplingSettings(temperature=0.0, max_tokens=args.tokens)
+    if args.trained:
+        _trained(args, settings)
+        return
     with tempfile.TemporaryDirectory(prefix="corral-spec-") as tmp:
         folder = args.dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -138,6 +147,29 @@ def main() -> None:
         for target_name, draft_name, speed, gain, rate, same in rows:
             accepted = "-" if rate is None else f"{rate:.0%}"
             print(f"{target_name:<10}{draft_name:<8}{speed:>8.2f}{gain:>9.2f}x{accepted:>10}  {same}")
+
+
+def _trained(args: argparse.Namespace, settings: SamplingSettings) -> None:
+    """Trained draft and target: the acceptance rate is what two models that learned the same text agree on."""
+    global PROMPT
+    from corral.app.runtime.texts import eval_text
+    from tests.helpers.trained import trained_gguf
+
+    paths = {"small": trained_gguf("small", "f16"), "target": trained_gguf("base-large", "f16"),
+             "base": trained_gguf("base", "f16")}
+    sizes = {k: format_bytes(p.stat().st_size) for k, p in paths.items()}
+    print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads; trained draft 'small' "
+          f"{sizes['small']}, target 'base-large' {sizes['target']} (trained 'base' {sizes['base']} + inert layers)")
+    print(f"{'prompt':<8}{'draft':<8}{'tok/s':>8}{'speed-up':>10}{'accepted':>10}  same tokens")
+    paragraphs = [p for p in eval_text().split("\n\n") if len(p) > 200][:3]
+    with _load(paths["target"], args.threads) as target:
+        for i, text in enumerate(paragraphs):
+            PROMPT = text[:400]
+            drafts = {"small": _load(paths["small"], args.threads)}  # _compare closes its drafts
+            for draft_name, speed, gain, rate, same in _compare(target, drafts, settings, args.repeat,
+                                                                 args.draft_max):
+                accepted = "-" if rate is None else f"{rate:.0%}"
+                print(f"{i:<8}{draft_name:<8}{speed:>8.2f}{gain:>9.2f}x{accepted:>10}  {same}")
 
 
 if __name__ == "__main__":
