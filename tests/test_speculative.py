@@ -31,7 +31,7 @@ from corral.app.runtime.spec_sampling import (
     verify_greedy,
 )
 from corral.app.runtime.speculative import Speculator
-from corral.convert.errors import UsageError
+from corral.convert.errors import EngineError, UsageError
 from corral.convert.gguf_file import read_gguf
 from corral.convert.units import GiB
 from corral.offload.api import PlanOptions, plan_model
@@ -300,6 +300,19 @@ def test_load_engine_attaches_and_close_frees_the_draft(models: dict[str, Path])
     assert isinstance(spec, Speculator) and spec.draft_max == 3 and spec.draft.n_ctx <= eng.n_ctx
     eng.close()
     assert spec.draft._ctx is None and eng.speculator is None
+
+
+def test_closed_engines_refuse_instead_of_crashing(models: dict[str, Path]) -> None:
+    eng = load_engine(models["target"], plan=cpu_plan())
+    spec = _attach(eng, models["draft"])
+    spec.draft.close()  # a draft closed behind the target's back (its model and vocabulary are freed)
+    for call in (lambda: eng.generate([Message("user", "hi")], GREEDY), lambda: eng.complete("hi", GREEDY)):
+        with pytest.raises(EngineError, match="draft model has been closed"):
+            call()
+    eng.speculator = None
+    eng.close()
+    with pytest.raises(EngineError, match="model has been closed"):
+        eng.complete("hi", GREEDY)
 
 
 def test_ask_json_reports_the_draft(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

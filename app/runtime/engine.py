@@ -285,19 +285,27 @@ class LlamaEngine:
         with `<|eom_id|>` stops with reason "tool_call"."""
         keep = frozenset({self.python_tag_id}) if tools is not None and tools.active else frozenset()
         with self._lock:
+            self._check_open()
             return self._generate(self.prompt_tokens(messages, tools), settings, on_text, cancel, keep)
 
     def complete(self, prompt: str, settings: SamplingSettings, *, on_text: Callable[[str], None] | None = None,
                  cancel: threading.Event | None = None) -> Generation:
         """Continue raw text (no chat template; BOS added as the model asks)."""
         with self._lock:
+            self._check_open()
             tokens = self.tokenize(prompt, add_special=self._add_bos, parse_special=True)
             return self._generate(tokens, settings, on_text, cancel)
 
-    def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
-                  cancel: threading.Event | None, keep: frozenset[int] = frozenset()) -> Generation:
+    def _check_open(self) -> None:
+        """A closed engine's model and vocabulary are freed: refuse before anything touches them."""
         if self._ctx is None:
             raise EngineError("the model has been closed")
+        if self.speculator is not None and self.speculator.draft._ctx is None:
+            raise EngineError("the draft model has been closed")
+
+    def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
+                  cancel: threading.Event | None, keep: frozenset[int] = frozenset()) -> Generation:
+        self._check_open()
         n_prompt = len(prompt)
         if n_prompt == 0:
             raise UsageError("the prompt is empty")
