@@ -14,13 +14,13 @@ from corral.app.cli import ui
 from corral.app.cli.cmd_ask import interrupt_sets
 from corral.app.cli.model_options import load_options, pop_load_options
 from corral.app.runtime.setup import EngineOptions
+from corral.app.runtime.texts import CHUNK_TOKENS
 from corral.convert.errors import Cancelled, InputNotFound, UsageError
 
 if TYPE_CHECKING:
     from corral.app.runtime.engine import LlamaEngine
     from corral.app.runtime.evaluate import EvalResult
 
-DEFAULT_CTX = 512  # the context llama.cpp's published perplexity figures use
 
 
 def read_text(path: Path | None) -> tuple[str, str]:
@@ -43,7 +43,7 @@ def read_text(path: Path | None) -> tuple[str, str]:
               help="Compare with this model (the unquantized one): KL divergence, top-1 agreement, Δppl.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="UTF-8 text to score (default: a built-in held-out English text, about 11k Llama 3 tokens).")
-@click.option("--ctx", type=click.IntRange(min=8), default=DEFAULT_CTX, show_default=True, metavar="N",
+@click.option("--ctx", type=click.IntRange(min=8), default=CHUNK_TOKENS, show_default=True, metavar="N",
               help="Tokens per chunk; the second half of each chunk is scored.")
 @click.option("--chunks", type=click.IntRange(min=1), default=None, metavar="N",
               help="Score at most N chunks (default: all the text holds).")

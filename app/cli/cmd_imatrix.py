@@ -18,10 +18,10 @@ from corral.app.cli.model_options import (
     load_options,
     pop_load_options,
 )
+from corral.app.runtime.texts import CHUNK_TOKENS
 from corral.convert.atomic import check_output_path
 from corral.convert.errors import Cancelled, InputNotFound, UsageError
 
-DEFAULT_CTX = 512  # llama-imatrix's default chunk
 BUILTIN_DATASET = "corral:calibration_text"  # what the file records as its text when none is given
 
 
@@ -46,7 +46,7 @@ def read_calibration(path: Path | None) -> tuple[str, str]:
                                   "legacy format when OUT ends in .dat.")
 @click.option("-f", "--file", "text_file", type=click.Path(path_type=Path), default=None, metavar="TEXT",
               help="UTF-8 calibration text (default: a built-in English text, Python's documentation).")
-@click.option("--ctx", type=click.IntRange(min=8), default=DEFAULT_CTX, show_default=True, metavar="N",
+@click.option("--ctx", type=click.IntRange(min=8), default=CHUNK_TOKENS, show_default=True, metavar="N",
               help="Tokens per chunk; each chunk starts with BOS and is decoded from an empty cache.")
 @click.option("--chunks", type=click.IntRange(min=1), default=None, metavar="N",
               help="Use at most N chunks (default: all the text holds).")

@@ -28,12 +28,12 @@ from corral.app.runtime.engine import LlamaEngine, load_engine
 from corral.app.runtime.native import LOG, init_backend
 from corral.app.runtime.native import lc as _lc
 from corral.app.runtime.setup import EngineOptions, last_log_line, resolve_model_path
+from corral.app.runtime.texts import CHUNK_TOKENS
 from corral.app.runtime.vocab import Vocab
 from corral.convert.errors import Cancelled, EngineError, InsufficientDisk, UsageError
 from corral.convert.progress import ProgressFn, no_progress
 from corral.convert.units import format_bytes
 
-DEFAULT_CTX = 512  # llama-perplexity's usual context for published figures
 ROWS_PER_BLOCK = 32  # rows of logits handled at once (bounds the temporaries at a few hundred MB for 128k vocab)
 DISK_MARGIN = 64 * 1024 * 1024
 
@@ -111,7 +111,7 @@ class _Pass:
         return np.concatenate(getattr(self, name)) if getattr(self, name) else np.empty(0)
 
 
-def evaluate(model: str | Path, text: str, *, n_ctx: int = DEFAULT_CTX, chunks: int | None = None,
+def evaluate(model: str | Path, text: str, *, n_ctx: int = CHUNK_TOKENS, chunks: int | None = None,
              base: str | Path | None = None, options: EngineOptions | None = None, load: Loader | None = None,
              progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
              work_dir: str | Path | None = None) -> EvalResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
+CHUNK_TOKENS = 512  # the chunk (context) eval and imatrix read text in by default, as llama.cpp's tools do
 HELD_OUT_EVERY = 10  # paragraph i is held out when i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 CALIBRATION_PARAGRAPHS = 600  # the first paragraphs of the training text
 
