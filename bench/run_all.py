@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-BENCHES = ["bench_convert", "bench_quantize", "bench_plan", "bench_speed", "bench_ask", "bench_chat", "bench_latency", "bench_resume", "bench_speculative", "bench_streaming", "bench_rpc", "bench_quality"]
+BENCHES = ["bench_convert", "bench_quantize", "bench_plan", "bench_speed", "bench_ask", "bench_chat", "bench_latency", "bench_resume", "bench_speculative", "bench_spec_streamed", "bench_streaming", "bench_rpc", "bench_quality"]
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ import pytest
 from corral.app.runtime import streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
-from corral.app.runtime.streaming import Span, Unit, choose, llama_mappings, units_of
+from corral.app.runtime.streaming import Span, Streamer, Unit, choose, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
 
@@ -163,3 +163,40 @@ def test_memory_view_shows_the_streamed_tier_live(monkeypatch: pytest.MonkeyPatc
     assert "3.0 GiB read per token at 2.50 GB/s" in console.export_text()
     console.print(render_memory(plan, LiveUsage(2**30)))
     assert "read via mmap" in console.export_text()
+
+
+def test_refresh_only_grows_the_resident_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When memory is given back (a draft closed), streamed units join the resident set; none leaves it (what is
+    locked stays locked, so the new sets never ask for more memory than the old)."""
+    units = _units([100] * 12 + [60])
+    s = Streamer(units, stream_bytes=700, n_layer=12, lock=False)
+    monkeypatch.setattr(s, "_keep_hot", lambda: None)
+    before, streamed = {u.index for u in s.sets.resident}, s.sets.streamed_bytes
+    window = streaming.window_for(units)
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 300)
+    s.refresh()
+    s._apply_refresh()
+    after = {u.index for u in s.sets.resident}
+    assert before < after and not s._refresh
+    assert 300 + window <= s.sets.streamed_bytes < streamed
+    assert s.sets.resident_bytes + s.sets.streamed_bytes == sum(u.nbytes for u in units)
+    assert set(s._order) == {u.index for u in s.sets.streamed}
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 10_000)  # less room than now: no change
+    s._apply_refresh()
+    assert {u.index for u in s.sets.resident} == after
+
+
+def test_nearly_nothing_resident_is_left_to_plain_mmap(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    total = sum(u.nbytes for u in units_of(read_gguf(model).tensors, N_LAYERS))
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: total)  # a memory cgroup leaves no room
+    settings = SamplingSettings(temperature=0.0, max_tokens=8)
+    with load_engine(model, plan=cpu_plan(n_ctx=256)) as plain:
+        want = plain.complete("Once upon a time", settings).text
+    engine = load_engine(model, plan=cpu_plan(n_ctx=256, disk_stream_bytes=total // 2))
+    try:
+        s = engine.streamer
+        assert s is not None and s.passive and s._thread is None and not s.locked and not s._fds
+        assert s.describe()["passive"] is True
+        assert engine.complete("Once upon a time", settings).text == want
+    finally:
+        engine.close()

@@ -84,6 +84,9 @@ def attach_draft(engine: LlamaEngine, options: EngineOptions, draft_path: Path, 
     try:
         plan: Plan | None = getattr(engine.plan, "draft", None)
         opts = draft_options(options)
+        if engine.streamer is not None and options.use_mmap is None:
+            # the draft runs k times per step: read into its own memory, so the target's stream never evicts it
+            opts = replace(opts, use_mmap=False)
         if plan is not None:
             plan = replace(plan, load=replace(plan.load, n_ctx=min(plan.load.n_ctx, engine.n_ctx)))
             opts = replace(opts, n_ctx=None)

@@ -45,7 +45,7 @@ from corral.app.runtime.setup import (
 from corral.app.runtime.tools import PYTHON_TAG, ToolSet
 from corral.app.runtime.vocab import Vocab
 from corral.convert.errors import ContextOverflow, DoesNotFit, EngineError, UsageError
-from corral.convert.gguf_file import GGUFModelFile, read_gguf
+from corral.convert.gguf_file import GGUFModelFile, clear_header_cache, read_gguf
 from corral.convert.llama_family import EOM_TEXT
 from corral.offload.load_settings import LoadSettings
 from corral.offload.plan import Plan
@@ -95,14 +95,16 @@ def load_engine(
     engine.warnings.extend(plan.warnings)
     engine.streamer = streamer
     engine._eval_callback = c_eval  # llama.cpp calls it for as long as the context lives
-    if streamer is not None:
+    if draft is not None:
+        attach_draft(engine, options, *draft, cancel=cancel)
+    del draft, model_file
+    clear_header_cache()
+    if streamer is not None:  # after the draft: the streamer sizes its resident set by what is allocated now
         try:
             streamer.start()
         except BaseException:
             engine.close()
             raise
-    if draft is not None:
-        attach_draft(engine, options, *draft, cancel=cancel)
     if settings.rpc_servers:
         from corral.app.runtime import rpc
 
@@ -300,7 +302,7 @@ class LlamaEngine:
         """A closed engine's model and vocabulary are freed: refuse before anything touches them."""
         if self._ctx is None:
             raise EngineError("the model has been closed")
-        if self.speculator is not None and self.speculator.draft._ctx is None:
+        if self.speculator is not None and not self.speculator.released and self.speculator.draft._ctx is None:
             raise EngineError("the draft model has been closed")
 
     def _generate(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None] | None,
@@ -319,7 +321,7 @@ class LlamaEngine:
         t1 = time.perf_counter()
         if aborted:
             return Generation("", GenerationStats(n_prompt, 0, t1 - t0, 0.0, "cancelled"))
-        if self.speculator is not None:
+        if self.speculator is not None and not self.speculator.released:
             return self.speculator.run(prompt, settings, on_text, cancel, keep, t0, t1)
 
         chain = self._sampler(settings)

@@ -40,10 +40,15 @@ if TYPE_CHECKING:
     from corral.app.runtime.engine import LlamaEngine
 
 DEFAULT_DRAFT_MAX = 8
-WARMUP_PLAIN = 4  # plain tokens first: they time the target alone
+WARMUP_PLAIN = 1  # plain tokens first, on the first reply only: they time the target alone (a streamed target's
+# token costs a whole pass over the disk, so the warm-up is kept short; later replies reuse the clocks)
 PROBE_STEPS = 2  # drafting steps measured before comparing with plain decoding
 FIRST_BACKOFF = 32  # plain tokens after drafting lost; 4x as many each time it loses again
 MAX_BACKOFF = 1024
+STREAMING_BACKOFF = 8  # the first back-off when the target streams from disk
+# A target that streams weights from disk pays for the draft's memory on every token (what the draft holds cannot
+# stay resident), drafting or not: after this many lost probes the draft is closed and its memory given back.
+RELEASE_AFTER_LOSSES = 2
 # llama.cpp's CPU matmuls use another kernel for batches of two or more tokens, so the target's logits from a
 # verifying batch can differ from a one-token pass in the last bits: a greedy choice whose lead over the
 # runner-up is below this is taken again from a one-token pass, as plain decoding would.
@@ -75,12 +80,27 @@ class Speculator:
         self._batch = _lc.llama_batch_init(draft_max + 1, 0, 1)
         self.total_drafted = 0
         self.total_accepted = 0
+        self._plain = _Clock()  # seconds per token without drafting, kept across replies
+        self.losses = 0  # probes drafting lost (speed or acceptance)
+        self.released = False  # the draft was closed for good (see RELEASE_AFTER_LOSSES)
+
+    def release(self) -> None:
+        """Close the draft for good and let a streaming target keep more of itself resident."""
+        if self.released:
+            return
+        self.released = True
+        self.draft.close()
+        _give_back_heap()
+        streamer = getattr(self.target, "streamer", None)
+        if streamer is not None:
+            streamer.refresh()
 
     def close(self) -> None:
         if self._batch is not None:
             _lc.llama_batch_free(self._batch)
             self._batch = None
-        self.draft.close()
+        if not self.released:
+            self.draft.close()
 
     # -- KV bookkeeping ----------------------------------------------------------------------
     def _logits(self, engine: LlamaEngine, i: int) -> np.ndarray:
@@ -185,8 +205,11 @@ class Speculator:
                 return True
             return False
 
-        plain, spec = _Clock(), _Clock()
-        plain_left, backoff, probe, probe_accepted = WARMUP_PLAIN if self.adaptive else 0, FIRST_BACKOFF, 0, 0
+        plain, spec = self._plain, _Clock()
+        warmup = WARMUP_PLAIN if self.adaptive and not plain.value else 0
+        # a streaming target's pass costs far more than the draft's tokens: losing probes are cheap, so re-probe sooner
+        first_backoff = STREAMING_BACKOFF if getattr(target, "streamer", None) is not None else FIRST_BACKOFF
+        plain_left, backoff, probe, probe_accepted = warmup, first_backoff, 0, 0
         pending = choose(self._logits(target, -1))
         try:
             done = emit(pending)
@@ -244,13 +267,18 @@ class Speculator:
                         plain_left, backoff = backoff, min(4 * backoff, MAX_BACKOFF)
                         spec = _Clock()
                         self.k = 1
+                        self.losses += 1
+                        if self.losses >= RELEASE_AFTER_LOSSES and getattr(target, "streamer", None) is not None:
+                            self.release()
+                            can_draft, plain_left = False, max_new
                     else:
-                        backoff = FIRST_BACKOFF
+                        backoff, self.losses = first_backoff, 0
                     probe = probe_accepted = 0
         finally:
             limit = n_prompt + len(out)
             self._trim(target, limit)
-            self._trim(draft, limit)
+            if not self.released:
+                self._trim(draft, limit)
         tail = decoder.decode(b"", final=True)
         if tail:
             parts.append(tail)
@@ -261,3 +289,13 @@ class Speculator:
         t2 = time.perf_counter()
         stats = GenerationStats(n_prompt, len(out), t1 - t0, t2 - t1, reason or "length", drafted, accepted)
         return Generation("".join(parts), stats)
+
+
+def _give_back_heap() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise), so a memory cgroup sees them go."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass

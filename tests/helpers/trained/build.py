@@ -44,12 +44,16 @@ class Padded:
 MODELS: dict[str, TrainConfig] = {
     "small": TrainConfig(Shape(n_embd=64, n_layer=2, n_head=2, n_head_kv=1, n_ff=192), steps=300, seed=1),
     "base": TrainConfig(Shape(n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=768), steps=300, seed=2),
+    # bench only: a draft between the two (bench_spec_streamed)
+    "medium": TrainConfig(Shape(n_embd=192, n_layer=3, n_head=3, n_head_kv=1, n_ff=576), steps=300, seed=6),
 }
 PADDED: dict[str, Padded] = {
     "base-padded": Padded("base", extra_layers=8, n_ff=1536, seed=3),
     "base-large": Padded("base", extra_layers=40, n_ff=4096, seed=4),  # bench_speculative's slow target
+    "base-huge": Padded("base", extra_layers=40, n_ff=16384, seed=5),  # bench_spec_streamed's streamed target
 }
-NAMES = (*MODELS, *(name for name in PADDED if name != "base-large"))  # what the tests use
+BENCH_ONLY = ("medium", "base-large", "base-huge")
+NAMES = tuple(name for name in (*MODELS, *PADDED) if name not in BENCH_ONLY)  # what the tests use
 
 
 def cache_root() -> Path:
