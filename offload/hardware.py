@@ -276,6 +276,9 @@ def _cached(data: dict[str, Any], where: Path) -> dict[str, float]:
     key = _disk_key(where)
     if isinstance(data.get(key), (int, float)):
         out["disk"] = float(data[key])
+    streamed = data.get("stream:" + key)
+    if isinstance(streamed, (int, float)) and streamed > 0:
+        out["disk"] = out["disk_streaming"] = float(streamed)  # measured while streaming: what streaming gets
     return out
 
 
@@ -295,6 +298,19 @@ def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = No
         if disk:
             have["disk"] = disk
             data[_disk_key(where)] = disk
+    _write_cache(data, cache)
+    return have
+
+
+def record_stream_bandwidth(path: str | Path, speed: float, *, cache: Path | None = None) -> None:
+    """The read speed a run streaming weights from `path` measured (bytes read per token / the token's time): later
+    plans use it for the disk tier of that filesystem instead of the cold sequential read."""
+    data = _read_cache(cache)
+    data["stream:" + _disk_key(Path(path))] = float(speed)
+    _write_cache(data, cache)
+
+
+def _write_cache(data: dict[str, Any], cache: Path | None) -> None:
     folder = cache or cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -303,7 +319,6 @@ def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = No
         os.replace(fh.name, folder / BANDWIDTH_CACHE_FILE)
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
-    return have
 
 
 def measure_ram_bandwidth(nbytes: int = 256 * 1024**2, seconds: float = 0.4) -> float:

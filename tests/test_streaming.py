@@ -200,3 +200,21 @@ def test_nearly_nothing_resident_is_left_to_plain_mmap(model: Path, monkeypatch:
         assert engine.complete("Once upon a time", settings).text == want
     finally:
         engine.close()
+
+
+def test_measured_read_speed_calibrates_later_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.offload.hardware import cached_bandwidth, record_stream_bandwidth
+
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    record_stream_bandwidth(tmp_path, 0.0)  # a cache holding a cold-read figure and a useless streaming one
+    assert "disk" not in cached_bandwidth(tmp_path)
+    model = tmp_path / "m.gguf"
+    units = [Unit(i, (Span(model, 100 * i, 100 * i + 100),)) for i in range(4)]
+    s = Streamer(units, stream_bytes=100, n_layer=3, lock=False)
+    s._speeds = [5e8, 4e8]
+    s._calibrate()  # too few tokens measured: nothing recorded
+    assert "disk" not in cached_bandwidth(tmp_path)
+    s._speeds = [5e8, 4e8, 6e8, 1e9]
+    s._calibrate()
+    got = cached_bandwidth(tmp_path)
+    assert got["disk"] == got["disk_streaming"] == 6e8  # the median token's speed

@@ -38,9 +38,12 @@ MADV_NORMAL, MADV_SEQUENTIAL, MADV_DONTNEED, MADV_POPULATE_READ = 0, 2, 4, 22
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
-# Below this share of a token's bytes resident, streaming is left to plain mmap: measured at file/limit 3 (a 390 MiB
-# group, ~3% resident), dropping every streamed layer after use read 6% more per token than the kernel's LRU.
-MIN_RESIDENT_SHARE = 0.10
+# Below this share of a token's bytes resident, streaming is left to plain mmap. Measured at file/limit 3 (a 390 MiB
+# group, 3-14% resident): dropping every streamed layer after use read 3-10% more per token than the kernel's LRU
+# (0.83-0.94x its speed); at file/limit 2 (~33% resident) streaming read 6-11% less (1.03-1.19x).
+MIN_RESIDENT_SHARE = 0.20
+CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
+CALIBRATION_MIN_TOKENS = 3
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -102,6 +105,7 @@ class Streamer:
         self._own_at: dict[Path, int] = {}  # each file's address in them
         self._refresh = False
         self.passive = False  # left to plain mmap (see start)
+        self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
         self._llama: dict[Path, int] = {}
         self.locked = False
         self._thread: threading.Thread | None = None
@@ -240,6 +244,8 @@ class Streamer:
             self.stats = StreamStats(nbytes, nbytes / dt if dt > 0 else 0.0, self.locked,
                                      self.sets.resident_bytes, self.sets.streamed_bytes)
         self._last = now
+        if self.stats.read_per_token >= CALIBRATION_MIN_READ:
+            self._speeds.append(self.stats.read_speed)
         if not self.locked:
             self._keep_hot()
 
@@ -311,6 +317,15 @@ class Streamer:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Leave the median measured read speed for later plans of models on this filesystem."""
+        speeds, self._speeds = sorted(self._speeds), []
+        if len(speeds) >= CALIBRATION_MIN_TOKENS:
+            from corral.offload.hardware import record_stream_bandwidth
+
+            record_stream_bandwidth(self.units[0].spans[0].file, speeds[len(speeds) // 2])
 
 
 def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
