@@ -218,3 +218,31 @@ def test_measured_read_speed_calibrates_later_plans(tmp_path: Path, monkeypatch:
     s._calibrate()
     got = cached_bandwidth(tmp_path)
     assert got["disk"] == got["disk_streaming"] == 6e8  # the median token's speed
+
+
+def test_a_split_gguf_streams_across_its_shards(tmp_path: Path) -> None:
+    """Each shard is its own llama.cpp mapping: units span several files and the tokens stay the plain run's."""
+    from corral.convert.converter import convert_checkpoint
+    from corral.convert.minimodel import MiniSpec, build_checkpoint
+
+    n_layer = 4
+    ckpt = build_checkpoint(tmp_path / "ckpt", MiniSpec(n_embd=128, n_layer=n_layer, n_head=4, n_head_kv=2, n_ff=256),
+                            seed=3)
+    layer_bytes = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)
+    result = convert_checkpoint(ckpt, tmp_path / "split.gguf", outtype="f32", split_max_size=2 * layer_bytes, force=True)
+    assert len(result.paths) >= 3
+    first = result.paths[0]
+    settings = SamplingSettings(temperature=0.0, max_tokens=16)
+    with load_engine(first, plan=cpu_plan(n_ctx=256)) as plain:
+        want = list((plain.complete("Once upon a time", settings), plain.last_completion_tokens)[1])
+    units = units_of(read_gguf(first).tensors, n_layer)
+    assert len({s.file for u in units for s in u.spans}) >= 2
+    engine = load_engine(first, plan=cpu_plan(n_ctx=256, disk_stream_bytes=sum(u.nbytes for u in units) // 2))
+    try:
+        s = engine.streamer
+        assert s is not None and set(s._llama) == {s_.file for u in s.units for s_ in u.spans}  # every shard mapped
+        engine.complete("Once upon a time", settings)
+        assert list(engine.last_completion_tokens) == want
+        assert s.positions >= 16 * (n_layer + 1)
+    finally:
+        engine.close()
