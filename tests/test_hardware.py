@@ -11,7 +11,7 @@ import pytest
 
 from corral.convert.errors import InvalidFile, UsageError
 from corral.convert.units import GiB, parse_rate, parse_size
-from corral.offload import hardware
+from corral.offload import bandwidth, hardware
 from corral.offload.gpus import find_gpu, parse_gpu_spec
 from corral.offload.hardware import GPU, Hardware, hardware_from_json, load_hardware_file, what_if
 
@@ -93,8 +93,8 @@ def test_probe_gpus_without_driver(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_detect_hardware_uses_cache_and_is_sane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(hardware, "measure_ram_bandwidth", lambda: calls.append("ram") or 12e9)
-    monkeypatch.setattr(hardware, "measure_disk_bandwidth", lambda p: calls.append("disk") or 2e9)
+    monkeypatch.setattr(bandwidth, "measure_ram_bandwidth", lambda: calls.append("ram") or 12e9)
+    monkeypatch.setattr(bandwidth, "measure_disk_bandwidth", lambda p: calls.append("disk") or 2e9)
     monkeypatch.setattr(hardware, "probe_gpus", lambda: ())
     hw = hardware.detect_hardware(tmp_path, cache=tmp_path / "c")
     assert hw.ram_bandwidth == 12e9 and hw.disk_bandwidth == 2e9 and hw.bandwidth_measured

@@ -203,7 +203,7 @@ def test_nearly_nothing_resident_is_left_to_plain_mmap(model: Path, monkeypatch:
 
 
 def test_measured_read_speed_calibrates_later_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from corral.offload.hardware import cached_bandwidth, record_stream_bandwidth
+    from corral.offload.bandwidth import cached_bandwidth, record_stream_bandwidth
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     record_stream_bandwidth(tmp_path, 0.0)  # a cache holding a cold-read figure and a useless streaming one

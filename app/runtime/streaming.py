@@ -323,7 +323,7 @@ class Streamer:
         """Leave the median measured read speed for later plans of models on this filesystem."""
         speeds, self._speeds = sorted(self._speeds), []
         if len(speeds) >= CALIBRATION_MIN_TOKENS:
-            from corral.offload.hardware import record_stream_bandwidth
+            from corral.offload.bandwidth import record_stream_bandwidth
 
             record_stream_bandwidth(self.units[0].spans[0].file, speeds[len(speeds) // 2])
 
