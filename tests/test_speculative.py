@@ -39,20 +39,13 @@ from corral.offload.hardware import GPU
 from corral.offload.speculation import estimate, reserve, tokens_per_pass
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
 from tests.helpers.plans import CPU_MACHINE, make_plan
-
-GREEDY = SamplingSettings(temperature=0.0, max_tokens=48)
-PROMPTS = ["Tell me a story about a cat.", "List three prime numbers and explain why.", "hi"]
+from tests.helpers.speculative import GREEDY, PROMPTS, spec_models
+from tests.helpers.speculative import run_greedy as _run
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("spec")
-    return {
-        "draft": write_tiny_gguf(d / "draft.gguf", seed=0),
-        # the draft's function plus zero-output layers: the draft always agrees with it
-        "target": write_tiny_gguf(d / "target.gguf", seed=0, extra_layers=3),
-        "other": write_tiny_gguf(d / "other.gguf", seed=11),  # agrees by chance only
-    }
+    return spec_models(tmp_path_factory.mktemp("spec"))
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +63,6 @@ def _attach(target: LlamaEngine, draft_path: Path, draft_max: int = 8, adaptive:
 def _detach(target: LlamaEngine) -> None:
     target.speculator.close()
     target.speculator = None
-
-
-def _run(target: LlamaEngine, messages: list[Message], settings: SamplingSettings) -> tuple[list[int], object]:
-    result = target.generate(messages, settings)
-    return list(target.last_completion_tokens), result
 
 
 def _cache_consistent(target: LlamaEngine, spec: Speculator) -> None:
@@ -415,74 +403,5 @@ def test_greedy_near_ties_are_decided_by_a_one_token_pass(target: LlamaEngine, m
         tokens, result = _run(target, [Message("user", PROMPTS[1])], GREEDY)
         assert tokens == plain and result.stats.accepted_tokens == 0 and result.stats.drafted_tokens > 0
         _cache_consistent(target, spec)
-    finally:
-        _detach(target)
-
-
-# -- a target that streams its weights from disk -----------------------------------------------------------------
-def _streaming_plan(model: Path) -> object:
-    from corral.app.runtime.streaming import units_of
-
-    mf = read_gguf(model)
-    total = sum(u.nbytes for u in units_of(mf.tensors, int(mf.arch_key("{arch}.block_count", 0))))
-    return cpu_plan(disk_stream_bytes=total // 2)
-
-
-def test_a_streaming_target_loads_the_draft_first_and_off_mmap(models: dict[str, Path],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The streamer sizes its resident set by the memory in use when it starts, so the draft must be loaded by
-    then; and the draft is read into its own memory, where the target's stream cannot evict it."""
-    from corral.app.runtime import streaming
-
-    order: list[str] = []
-    real_attach, real_start = engine_mod.attach_draft, streaming.Streamer.start
-    monkeypatch.setattr(engine_mod, "attach_draft", lambda *a, **k: (order.append("draft"), real_attach(*a, **k)))
-    monkeypatch.setattr(streaming.Streamer, "start", lambda self: (order.append("stream"), real_start(self)))
-    eng = load_engine(models["target"], EngineOptions(draft=str(models["draft"])), plan=_streaming_plan(models["target"]))
-    try:
-        assert order == ["draft", "stream"] and eng.streamer is not None
-        assert eng.speculator.draft.settings.use_mmap is False
-        assert eng.settings.use_mmap is True  # the target itself still streams through llama.cpp's mapping
-    finally:
-        eng.close()
-    plain = load_engine(models["target"], EngineOptions(draft=str(models["draft"])), plan=cpu_plan())
-    try:
-        assert plain.streamer is None and plain.speculator.draft.settings.use_mmap is True
-    finally:
-        plain.close()
-
-
-def test_a_useless_draft_is_released_when_the_target_streams(models: dict[str, Path],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its memory costs a streaming target streamed bytes on every token, drafting or not: after two lost probes
-    the draft is closed, the streamer is told to keep more resident, and the tokens stay the target's."""
-    from corral.app.runtime import streaming
-
-    settings = replace(GREEDY, max_tokens=120)
-    with load_engine(models["target"], plan=cpu_plan()) as plain:
-        want, _ = _run(plain, [Message("user", PROMPTS[0])], settings)
-    eng = load_engine(models["target"], EngineOptions(draft=str(models["other"])), plan=_streaming_plan(models["target"]))
-    try:
-        streamer, spec = eng.streamer, eng.speculator
-        before = streamer.sets.streamed_bytes
-        monkeypatch.setattr(streaming, "measured_stream_bytes", lambda units, window: before // 2)
-        got, result = _run(eng, [Message("user", PROMPTS[0])], settings)
-        assert got == want
-        assert spec.released and spec.draft._ctx is None and spec.losses >= 2
-        assert result.stats.drafted_tokens < 12  # two short probes, then never again
-        assert streamer.sets.streamed_bytes < before  # applied by the prefetch thread at a token boundary
-        again, result = _run(eng, [Message("user", PROMPTS[0])], settings)  # later replies run plain
-        assert again == want and result.stats.drafted_tokens == 0
-    finally:
-        eng.close()
-    assert spec.draft._ctx is None
-
-
-def test_a_useless_draft_is_kept_when_the_target_does_not_stream(target: LlamaEngine,
-                                                                  models: dict[str, Path]) -> None:
-    spec = _attach(target, models["other"])
-    try:
-        _run(target, [Message("user", PROMPTS[0])], replace(GREEDY, max_tokens=200))
-        assert not spec.released and spec.draft._ctx is not None  # off, but re-tried later: its memory is cheap
     finally:
         _detach(target)
