@@ -14,9 +14,7 @@ give the plain run's tokens. As root only (skipped with a reason elsewhere).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -24,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.bench_streaming import GiB, _Clock, evict, memory_cgroup, skip_reason
+from bench.bench_speculative import held_out_prompts
+from bench.bench_streaming import GiB, _Clock, child_setup, evict, memory_cgroup, skip_reason
 
 MiB = 1024**2
 OUT = Path(__file__).resolve().parent / "out" / "bench_spec_streamed.json"
@@ -50,12 +49,6 @@ def _paths(target: str, drafts: list[str], folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _prompts(n: int) -> list[str]:
-    from corral.app.runtime.texts import eval_text
-
-    return [p[:400] for p in eval_text().split("\n\n") if len(p) > 200][:n]
-
-
 def child(target: Path, draft: str, draft_path: Path | None, prompt: int, tokens: int, threads: int,
           draft_max: int) -> dict[str, Any]:
     """One greedy continuation with the target loaded by corral (streaming as its plan says). The paths come from
@@ -69,7 +62,7 @@ def child(target: Path, draft: str, draft_path: Path | None, prompt: int, tokens
                             draft=str(draft_path) if draft_path is not None else None)
     engine = load_engine(target, options)
     clock = _Clock()
-    g = engine.complete(_prompts(prompt + 1)[prompt], SamplingSettings(temperature=0.0, max_tokens=tokens),
+    g = engine.complete(held_out_prompts(prompt + 1)[prompt], SamplingSettings(temperature=0.0, max_tokens=tokens),
                         on_text=clock)
     streamer = engine.streamer
     group = cgroup_memory_limit()
@@ -84,19 +77,13 @@ def child(target: Path, draft: str, draft_path: Path | None, prompt: int, tokens
 
 def run_child(args: argparse.Namespace, paths: dict[str, Path], draft: str, prompt: int,
               cgroup: Path) -> dict[str, Any]:
-    def enter() -> None:
-        os.setsid()
-        with contextlib.suppress(OSError):
-            Path("/proc/self/autogroup").write_text("-15")
-        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-
     for path in paths.values():
         evict(path)
     cmd = [sys.executable, "-m", "bench.bench_spec_streamed", "--child", draft, "--target", str(paths["target"]),
            "--draft-path", str(paths.get(draft, "")), "--prompt", str(prompt),
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--draft-max", str(args.draft_max)]
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=enter, timeout=1800)
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=child_setup(cgroup), timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{draft} child failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -157,7 +144,6 @@ def _run(args: argparse.Namespace, paths: dict[str, Path], drafts: list[str]) ->
                 print(f"prompt {prompt}: {draft} {res['tps']:.3f} tok/s ({res['tps'] / plain['tps']:.2f}x), "
                       f"accepted {rate:.0%}, same tokens {same}", file=sys.stderr)
                 rows.append((prompt, draft, plain, res, rate, same))
-                print(f"  streaming at the end: {res['streaming']}", file=sys.stderr)
     return rows
 
 

@@ -149,10 +149,16 @@ def main() -> None:
             print(f"{target_name:<10}{draft_name:<8}{speed:>8.2f}{gain:>9.2f}x{accepted:>10}  {same}")
 
 
+def held_out_prompts(n: int) -> list[str]:
+    """The first 400 characters of the first `n` long held-out paragraphs: text for trained models to continue."""
+    from corral.app.runtime.texts import eval_text
+
+    return [p[:400] for p in eval_text().split("\n\n") if len(p) > 200][:n]
+
+
 def _trained(args: argparse.Namespace, settings: SamplingSettings) -> None:
     """Trained draft and target: the acceptance rate is what two models that learned the same text agree on."""
     global PROMPT
-    from corral.app.runtime.texts import eval_text
     from tests.helpers.trained import trained_gguf
 
     paths = {"small": trained_gguf("small", "f16"), "target": trained_gguf("base-large", "f16"),
@@ -161,10 +167,9 @@ def _trained(args: argparse.Namespace, settings: SamplingSettings) -> None:
     print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads; trained draft 'small' "
           f"{sizes['small']}, target 'base-large' {sizes['target']} (trained 'base' {sizes['base']} + inert layers)")
     print(f"{'prompt':<8}{'draft':<8}{'tok/s':>8}{'speed-up':>10}{'accepted':>10}  same tokens")
-    paragraphs = [p for p in eval_text().split("\n\n") if len(p) > 200][:3]
     with _load(paths["target"], args.threads) as target:
-        for i, text in enumerate(paragraphs):
-            PROMPT = text[:400]
+        for i, text in enumerate(held_out_prompts(3)):
+            PROMPT = text
             drafts = {"small": _load(paths["small"], args.threads)}  # _compare closes its drafts
             for draft_name, speed, gain, rate, same in _compare(target, drafts, settings, args.repeat,
                                                                  args.draft_max):

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,8 @@ def child(mode: str, path: Path, tokens: int, threads: int) -> dict[str, Any]:
             "read_per_token": (clock.last[1] - clock.first[1]) / steps, "text": "".join(clock.pieces), **extra}
 
 
-def run_child(mode: str, path: Path, tokens: int, threads: int, cgroup: Path | None) -> dict[str, Any]:
+def child_setup(cgroup: Path | None) -> Callable[[], None]:
+    """preexec_fn for a measured child: its own session, autogroup nice -15 (the machine is shared), in `cgroup`."""
     def enter() -> None:
         os.setsid()
         with contextlib.suppress(OSError):
@@ -151,11 +152,15 @@ def run_child(mode: str, path: Path, tokens: int, threads: int, cgroup: Path | N
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
+    return enter
+
+
+def run_child(mode: str, path: Path, tokens: int, threads: int, cgroup: Path | None) -> dict[str, Any]:
     evict(path)
     cmd = [sys.executable, "-m", "bench.bench_streaming", "--child", mode, "--model", str(path),
            "--tokens", str(tokens), "--threads", str(threads)]
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=enter, timeout=900)
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=child_setup(cgroup), timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} child failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import Keys
 
 from .errors import InputNotFound, InvalidFile
 
@@ -152,8 +153,8 @@ def _load_gguf(path: Path) -> Imatrix:
         mean[nonzero] = per[nonzero] / n[nonzero, None]
         entries[base] = mean.reshape(-1)
     meta = {f.name: f for f in reader.fields.values()}
-    chunk_count = _scalar(meta.get("imatrix.chunk_count"))
-    datasets = tuple(_strings(meta.get("imatrix.datasets")))
+    chunk_count = _scalar(meta.get(Keys.IMatrix.CHUNK_COUNT))
+    datasets = tuple(_strings(meta.get(Keys.IMatrix.DATASETS)))
     return Imatrix(path, "gguf", entries, int(chunk_count or 0), datasets)
 
 

@@ -21,18 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFType, GGUFValueType, Keys
 
 from .atomic import atomic_output, check_output_path
 from .errors import UsageError
 from .gguf_writer import GGUFStreamWriter
 from .imatrix import COUNT_SUFFIX, SUM_SUFFIX
 from .tensor_specs import TensorSpec
-
-KEY_TYPE = "general.type"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
 
 
 @dataclass(frozen=True)
@@ -80,10 +75,10 @@ def write_imatrix(path: str | Path, data: ImatrixData, *, force: bool = False, l
 
 def _write_gguf(target: Path, data: ImatrixData, force: bool) -> Path:
     kvs = [
-        (KEY_TYPE, "imatrix", GGUFValueType.STRING),
-        (KEY_DATASETS, list(data.datasets), GGUFValueType.ARRAY),
-        (KEY_CHUNK_COUNT, int(data.chunk_count), GGUFValueType.UINT32),
-        (KEY_CHUNK_SIZE, int(data.chunk_size), GGUFValueType.UINT32),
+        (Keys.General.TYPE, GGUFType.IMATRIX, GGUFValueType.STRING),
+        (Keys.IMatrix.DATASETS, list(data.datasets), GGUFValueType.ARRAY),
+        (Keys.IMatrix.CHUNK_COUNT, int(data.chunk_count), GGUFValueType.UINT32),
+        (Keys.IMatrix.CHUNK_SIZE, int(data.chunk_size), GGUFValueType.UINT32),
     ]
     arrays: list[tuple[TensorSpec, np.ndarray]] = []
     f32 = GGMLQuantizationType.F32

@@ -90,17 +90,14 @@ class Speculator:
             return
         self.released = True
         self.draft.close()
-        _give_back_heap()
-        streamer = getattr(self.target, "streamer", None)
-        if streamer is not None:
-            streamer.refresh()
+        if self.target.streamer is not None:
+            self.target.streamer.refresh()
 
     def close(self) -> None:
         if self._batch is not None:
             _lc.llama_batch_free(self._batch)
             self._batch = None
-        if not self.released:
-            self.draft.close()
+        self.draft.close()  # closing twice is harmless (a released draft is closed already)
 
     # -- KV bookkeeping ----------------------------------------------------------------------
     def _logits(self, engine: LlamaEngine, i: int) -> np.ndarray:
@@ -208,7 +205,8 @@ class Speculator:
         plain, spec = self._plain, _Clock()
         warmup = WARMUP_PLAIN if self.adaptive and not plain.value else 0
         # a streaming target's pass costs far more than the draft's tokens: losing probes are cheap, so re-probe sooner
-        first_backoff = STREAMING_BACKOFF if getattr(target, "streamer", None) is not None else FIRST_BACKOFF
+        streaming = target.streamer is not None
+        first_backoff = STREAMING_BACKOFF if streaming else FIRST_BACKOFF
         plain_left, backoff, probe, probe_accepted = warmup, first_backoff, 0, 0
         pending = choose(self._logits(target, -1))
         try:
@@ -268,9 +266,9 @@ class Speculator:
                         spec = _Clock()
                         self.k = 1
                         self.losses += 1
-                        if self.losses >= RELEASE_AFTER_LOSSES and getattr(target, "streamer", None) is not None:
+                        if self.losses >= RELEASE_AFTER_LOSSES and streaming:
                             self.release()
-                            can_draft, plain_left = False, max_new
+                            can_draft = False
                     else:
                         backoff, self.losses = first_backoff, 0
                     probe = probe_accepted = 0
@@ -290,12 +288,3 @@ class Speculator:
         stats = GenerationStats(n_prompt, len(out), t1 - t0, t2 - t1, reason or "length", drafted, accepted)
         return Generation("".join(parts), stats)
 
-
-def _give_back_heap() -> None:
-    """Return freed heap pages to the system (glibc keeps them otherwise), so a memory cgroup sees them go."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass

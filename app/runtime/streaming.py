@@ -51,6 +51,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
 
 
 def _read_bytes() -> int:
@@ -101,8 +102,7 @@ class Streamer:
         self._stop = False
         self._fetched: dict[int, int] = {}  # streamed unit -> bytes read ahead so far
         self._fds: dict[Path, int] = {}
-        self._own: list[tuple[int, int]] = []  # our mappings (address, length)
-        self._own_at: dict[Path, int] = {}  # each file's address in them
+        self._own: dict[Path, tuple[int, int]] = {}  # our mapping of each file (address, length)
         self._refresh = False
         self.passive = False  # left to plain mmap (see start)
         self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
@@ -131,9 +131,9 @@ class Streamer:
         measured = measured_stream_bytes(self.units, window_for(self.units))
         if measured is not None:
             self._choose(measured)
-        if measured is not None and self.sets.resident_bytes < MIN_RESIDENT_SHARE * sum(u.nbytes for u in self.units):
-            self.passive = True  # next to nothing can stay: the kernel's LRU keeps a little more than dropping all
-            return
+            if self.sets.resident_bytes < MIN_RESIDENT_SHARE * sum(u.nbytes for u in self.units):
+                self.passive = True  # next to nothing can stay: the kernel's LRU keeps a little more than dropping all
+                return
         files = {s.file for u in self.units for s in u.spans}
         for f in files:
             self._fds[f] = os.open(f, os.O_RDONLY)
@@ -154,8 +154,7 @@ class Streamer:
             addr = _libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
             if addr in (None, ctypes.c_void_p(-1).value):
                 return False
-            self._own.append((addr, size))
-            self._own_at[f] = addr
+            self._own[f] = (addr, size)
             for u in self.sets.resident:
                 for s in u.spans:
                     if s.file != f:
@@ -167,10 +166,9 @@ class Streamer:
         return True
 
     def _unmap(self) -> None:
-        for addr, size in self._own:
+        for addr, size in self._own.values():
             _libc.munmap(addr, size)
         self._own.clear()
-        self._own_at.clear()
 
     def _keep_hot(self) -> None:
         for u in self.sets.resident:
@@ -209,6 +207,8 @@ class Streamer:
     def refresh(self) -> None:
         """Memory was given back (a draft closed): at the next token, re-size the resident set to what the group
         leaves now. Applied by the prefetch thread, which owns the sets while it runs."""
+        if _malloc_trim is not None:  # glibc keeps freed heap pages: hand them back so the group's measurement sees them
+            _malloc_trim(0)
         self._refresh = True
 
     def _apply_refresh(self) -> None:
@@ -224,16 +224,12 @@ class Streamer:
         grown = [u for u in self.sets.streamed if u.index not in kept]
         resident = sorted((*self.sets.resident, *grown), key=lambda u: u.index)
         self._use(StreamSets(tuple(resident), keep, window))
-        for u in grown:
+        for u in grown:  # unlocked, they are kept hot at each token boundary like the rest of the resident set
             self._fetched.pop(u.index, None)
             self._advise(u, MADV_NORMAL)
-        if not self.locked:
-            self._keep_hot()
-            return
-        for u in grown:
-            for sp in u.spans:
+            for sp in u.spans if self.locked else ():
                 lo, hi = round_out(sp.start, sp.end)
-                _libc.mlock(self._own_at[sp.file] + lo, hi - lo)  # refused: it stays hot as long as it is used
+                _libc.mlock(self._own[sp.file][0] + lo, hi - lo)  # refused: it stays hot as long as it is used
 
     def _token_boundary(self) -> None:
         if self._refresh:
