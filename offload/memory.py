@@ -121,6 +121,46 @@ def compute_buffer_bytes(profile: ModelProfile, n_ctx: int, n_ubatch: int, flash
     return max(peaks)
 
 
+STREAM_OUTPUT_ROWS = 16  # logits rows generation asks for at once: one, or a speculative verify's few
+
+
+def touched_compute_bytes(profile: ModelProfile, n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
+    """What generation writes of the CPU compute buffer: a full ubatch's layer activations, and logits for a few
+    rows only. llama.cpp reserves logits for every token of a ubatch; ggml-alloc places each graph's tensors from
+    the start of the buffer, so the rest of that reservation is never touched (and never charged to a memory
+    cgroup). What a model that streams from disk must leave room for besides its weights."""
+    parts = compute_parts(profile, n_ctx, n_ubatch, flash_attn)
+    output = (profile.n_vocab + 2 * profile.n_embd) * min(n_ubatch, STREAM_OUTPUT_ROWS) * 4
+    return max(parts["attn"], parts["ffn"], output)
+
+
+VOCAB_HEAP_PER_TOKEN = 480  # llama.cpp's vocabulary on the heap: ~60 MiB for Llama 3's 128,256 tokens (measured)
+
+
+def stream_margin(limit: int) -> int:
+    """Memory a streaming engine leaves unused in a memory cgroup of `limit` bytes: fault read-ahead at the edges
+    of streamed units, small heap growth. Measured at file/limit 1.3-3 (0.4-0.9 GiB groups): with 32 MiB, what
+    is read per token is within 0-4% of what streams."""
+    return max(32 * MiB, limit // 32)
+
+
+def stream_window(per_token_bytes: int, n_layer: int) -> int:
+    """The streaming engine's read-ahead room (app/runtime/stream_units.window_for), from an average layer."""
+    return max(2 * per_token_bytes // max(1, n_layer + 1), min(64 * MiB, per_token_bytes // 8))
+
+
+def cgroup_streamed_bytes(profile: ModelProfile, per_token_mapped: int, available: int, limit: int, written: int,
+                          n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
+    """What the streaming engine reads per token inside a memory cgroup: it measures what loading wrote (not
+    llama.cpp's reservations), keeps what fits beside it resident and streams the rest plus its read-ahead room.
+    `available`: the group's room before loading; `written`: KV cache, extra buffers and output buffer."""
+    written += profile.n_vocab * VOCAB_HEAP_PER_TOKEN + touched_compute_bytes(profile, n_ctx, n_ubatch, flash_attn)
+    missing = per_token_mapped - max(0, available - written - stream_margin(limit))
+    if missing <= 0:
+        return 0
+    return min(per_token_mapped, missing + stream_window(per_token_mapped, profile.n_layer))
+
+
 def host_compute_bytes(profile: ModelProfile, n_ubatch: int) -> int:
     """The CPU-side (CUDA_Host) compute buffer when every layer and the head run on GPUs: embeddings in."""
     return profile.n_embd * n_ubatch * 4 * 2 + n_ubatch * 16

@@ -131,7 +131,11 @@ def profile_from_gguf(path: str | Path) -> ModelProfile:
     """Profile from a GGUF header (single or split; weights are never read)."""
     from corral.convert.gguf_file import read_gguf
 
-    model = read_gguf(path)
+    return profile_of(read_gguf(path), path)
+
+
+def profile_of(model: Any, path: str | Path) -> ModelProfile:
+    """Profile of an already parsed GGUF (`convert.gguf_file.GGUFModelFile`) read from `path`."""
     arch = model.architecture
 
     def key(template: str, default: Any = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from corral.app.runtime import streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
+from corral.app.runtime.stream_units import PAGE
 from corral.app.runtime.streaming import Span, Streamer, Unit, choose, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
@@ -64,15 +66,42 @@ def test_choose_streams_enough_spread_over_the_token() -> None:
     assert choose(units, 0, 0).streamed == () and len(choose(units, 10_000, 0).resident) == 0
 
 
-def test_llama_mapping_is_the_whole_file_from_offset_zero(tmp_path: Path) -> None:
+def test_llama_mapping_is_the_largest_shared_one(tmp_path: Path) -> None:
     f = tmp_path / "m.gguf"
     f.write_bytes(b"x" * 10)
     ino = f.stat().st_ino
     maps = (f"7f0000000000-7f0000001000 r--s 00000000 fd:01 {ino}   {f}\n"
             f"7f1000000000-7f1000400000 r--s 00000000 fd:01 {ino}   {f}\n"
-            f"7f2000000000-7f2000800000 r--s 00001000 fd:01 {ino}   {f}\n"
+            f"7f4000000000-7f4000900000 r--p 00000000 fd:01 {ino}   {f}\n"  # private: not llama.cpp's weights
             "7f3000000000-7f3000800000 r-xp 00000000 fd:01 999999 /usr/lib/libc.so\n")
-    assert llama_mappings([f], maps) == {f: 0x7F1000000000}
+    m = llama_mappings([f], maps)[f]
+    assert (m.addr, m.offset, m.length) == (0x7F1000000000, 0, 0x400000)
+    # llama.cpp maps from the page of the first tensor: a big vocabulary's header is left out
+    maps += f"7f2000000000-7f2000800000 r--s 00778000 fd:01 {ino}   {f}\n"
+    m = llama_mappings([f], maps)[f]
+    assert m.at(0x778000, 0x779000) == 0x7F2000000000 and m.at(0x800000, 0x801000) == 0x7F2000088000
+    assert m.at(0x777000, 0x779000) is None and m.at(0x778000, 0x778000 + 0x800001) is None
+
+
+def test_streamer_finds_llamas_mapping_past_a_big_header(tmp_path: Path) -> None:
+    """A real Llama 3 header (128K-token vocabulary) is megabytes: llama.cpp's mapping then starts past it, and
+    the streamer must still find it (or it cannot populate, advise or drop anything there)."""
+    from llama_cpp import Llama
+
+    path = write_tiny_gguf(tmp_path / "big-header.gguf")  # the real Llama 3 tokenizer
+    first = min(t.offset for t in read_gguf(path).tensors)
+    assert first > 4 * PAGE  # the header is several pages
+    llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        m = llama_mappings([path])[path]
+        assert m.at(first, first + 1) is not None
+        addr = m.at(first // PAGE * PAGE, first // PAGE * PAGE + PAGE)
+        data = ctypes.string_at(addr, PAGE)
+        with open(path, "rb") as fh:
+            fh.seek(first // PAGE * PAGE)
+            assert data == fh.read(PAGE)  # the address really holds those file bytes
+    finally:
+        llm.close()
 
 
 def test_no_streamer_unless_the_plan_streams(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from corral.convert.gguf_file import GGUFTensor
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _LAYER = re.compile(r"blk\.(\d+)\.")
+SPLIT_MIN = 4 * 1024 * 1024  # streaming this much more than needed is worth splitting a unit for
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ def units_of(tensors: Sequence[GGUFTensor], n_layer: int) -> list[Unit]:
 
 def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
     """Stream at least `stream_bytes` + `window` (the read-ahead needs room too), spread evenly over the
-    token so the disk is busy while resident layers compute."""
+    token so the disk is busy while resident layers compute. Whole units overshoot by up to a unit (the output
+    head of a Llama 3 is ~8 layers): the biggest streamed unit is then split, its first part resident, so what
+    streams is `stream_bytes` + `window` to within `SPLIT_MIN`."""
     total = sum(u.nbytes for u in units)
     want = min(total, stream_bytes + window)
     frac = want / total if total else 0.0
@@ -98,8 +101,37 @@ def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
             streamed.append(u)
             done += u.nbytes
     chosen = {u.index for u in streamed}
-    return StreamSets(tuple(u for u in units if u.index not in chosen),
-                      tuple(u for u in units if u.index in chosen), window)
+    resident = [u for u in units if u.index not in chosen]
+    streaming = [u for u in units if u.index in chosen]
+    over = done - want
+    if streaming and over >= SPLIT_MIN:  # whole units overshoot: the biggest keeps a prefix resident
+        big = max(streaming, key=lambda u: u.nbytes)
+        kept, rest = split(big, over)
+        if kept.spans and rest.spans:
+            resident = sorted([*resident, kept], key=lambda u: u.index)
+            streaming = [rest if u is big else u for u in streaming]
+    return StreamSets(tuple(resident), tuple(streaming), window)
+
+
+def split(unit: Unit, nbytes: int) -> tuple[Unit, Unit]:
+    """The unit's first ~`nbytes` (cut at a page boundary of the file) and the rest, both with its index."""
+    head: list[Span] = []
+    tail: list[Span] = []
+    left = nbytes
+    for s in unit.spans:
+        if left <= 0:
+            tail.append(s)
+            continue
+        cut = (s.start + left) // PAGE * PAGE
+        if cut >= s.end:
+            head.append(s)
+            left -= s.end - s.start
+            continue
+        if cut > s.start:
+            head.append(Span(s.file, s.start, cut))
+        tail.append(Span(s.file, max(cut, s.start), s.end))
+        left = 0
+    return Unit(unit.index, tuple(head)), Unit(unit.index, tuple(tail))
 
 
 def round_in(start: int, end: int) -> tuple[int, int]:
@@ -117,24 +149,40 @@ def window_for(units: Sequence[Unit]) -> int:
     return max(2 * sizes[len(sizes) // 2], min(64 * 1024 * 1024, sum(sizes) // 8)) if sizes else 0
 
 
-def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path, int]:
-    """Where llama.cpp mapped each file (the whole file from offset 0), from /proc/self/maps."""
+@dataclass(frozen=True)
+class Mapping:
+    """Where a process mapped file bytes [offset, offset + length)."""
+
+    addr: int
+    offset: int
+    length: int
+
+    def at(self, lo: int, hi: int) -> int | None:
+        """The address of file bytes [lo, hi); None when the mapping does not hold all of them."""
+        if lo < self.offset or hi > self.offset + self.length:
+            return None
+        return self.addr + lo - self.offset
+
+
+def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path, Mapping]:
+    """llama.cpp's mapping of each file, from /proc/self/maps: the largest shared one (llama.cpp maps from the
+    page holding the first tensor, so a 128K-vocabulary header is not part of it)."""
     if maps is None:
         maps = Path("/proc/self/maps").read_text()
     want = {os.stat(f).st_ino: Path(f) for f in files}
-    best: dict[Path, tuple[int, int]] = {}
+    best: dict[Path, Mapping] = {}
     for line in maps.splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[2] != "00000000" or not parts[4].isdigit():
+        if len(parts) < 6 or not parts[1].endswith("s") or not parts[4].isdigit():
             continue
         path = want.get(int(parts[4]))
         if path is None:
             continue
         lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        if hi - lo > best.get(path, (0, 0))[1]:
-            best[path] = (lo, hi - lo)
-    return {p: lo for p, (lo, _) in best.items()}
+        if path not in best or hi - lo > best[path].length:
+            best[path] = Mapping(lo, int(parts[2], 16), hi - lo)
+    return best
 
 
-__all__ = ["PAGE", "Span", "StreamSets", "Unit", "choose", "llama_mappings", "round_in", "round_out", "units_of",
+__all__ = ["PAGE", "SPLIT_MIN", "Mapping", "Span", "StreamSets", "Unit", "choose", "llama_mappings", "round_in", "round_out", "split", "units_of",
            "window_for"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.app.runtime.stream_units import (
+    Mapping,
     Span,
     StreamSets,
     Unit,
@@ -38,10 +39,10 @@ MADV_NORMAL, MADV_SEQUENTIAL, MADV_DONTNEED, MADV_POPULATE_READ = 0, 2, 4, 22
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
-# Below this share of a token's bytes resident, streaming is left to plain mmap. Measured at file/limit 3 (a 390 MiB
-# group, 3-14% resident): dropping every streamed layer after use read 3-10% more per token than the kernel's LRU
-# (0.83-0.94x its speed); at file/limit 2 (~33% resident) streaming read 6-11% less (1.03-1.19x).
-MIN_RESIDENT_SHARE = 0.20
+# Below this share of a token's bytes resident, streaming is left to plain mmap: dropping every streamed unit after
+# use reads all of it, while the kernel's LRU keeps a few pages. Measured at file/limit 3 (a 400 MiB group): with 17%
+# resident, streaming read 0.78 GiB per token where plain mmap read 0.88.
+MIN_RESIDENT_SHARE = 0.10
 CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
 CALIBRATION_MIN_TOKENS = 3
 
@@ -87,10 +88,12 @@ def live_stats() -> StreamStats | None:
 class Streamer:
     """Owns the resident lock, the prefetch thread and the eval callback for one loaded model."""
 
-    def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True) -> None:
+    def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True,
+                 reserve: int = 0) -> None:
+        """`reserve`: memory the process will still write after loading (the compute buffer generation touches)."""
         from llama_cpp import llama_cpp as lc
 
-        self.units, self.n_layer, self._want_lock = tuple(units), n_layer, lock
+        self.units, self.n_layer, self._want_lock, self.reserve = tuple(units), n_layer, lock, reserve
         self._choose(stream_bytes)
         self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
         self._markers[b"result_norm"] = n_layer
@@ -106,7 +109,7 @@ class Streamer:
         self._refresh = False
         self.passive = False  # left to plain mmap (see start)
         self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
-        self._llama: dict[Path, int] = {}
+        self._llama: dict[Path, Mapping] = {}
         self.locked = False
         self._thread: threading.Thread | None = None
         self._last: tuple[float, int] | None = None
@@ -128,7 +131,7 @@ class Streamer:
     # -- setup ---------------------------------------------------------------------------------
     def start(self) -> None:
         """After llama.cpp mapped the model: lock the resident set, find llama.cpp's mappings, start."""
-        measured = measured_stream_bytes(self.units, window_for(self.units))
+        measured = measured_stream_bytes(self.units, self.reserve)
         if measured is not None:
             self._choose(measured)
             if self.sets.resident_bytes < MIN_RESIDENT_SHARE * sum(u.nbytes for u in self.units):
@@ -216,14 +219,13 @@ class Streamer:
         as `choose` spreads them) join it."""
         self._refresh = False
         window = window_for(self.units)
-        measured = measured_stream_bytes(self.units, window)
+        measured = measured_stream_bytes(self.units, self.reserve)
         if measured is None or measured + window >= self.sets.streamed_bytes:
             return
-        keep = choose(self.sets.streamed, measured, window).streamed
-        kept = {u.index for u in keep}
-        grown = [u for u in self.sets.streamed if u.index not in kept]
+        new = choose(self.sets.streamed, measured, window)
+        grown = new.resident  # whole streamed units, or the first part of one (see `choose`)
         resident = sorted((*self.sets.resident, *grown), key=lambda u: u.index)
-        self._use(StreamSets(tuple(resident), keep, window))
+        self._use(StreamSets(tuple(resident), new.streamed, window))
         for u in grown:  # unlocked, they are kept hot at each token boundary like the rest of the resident set
             self._fetched.pop(u.index, None)
             self._advise(u, MADV_NORMAL)
@@ -275,29 +277,33 @@ class Streamer:
                     at += size
             self._fetched.setdefault(index, 0)
 
+    def _in_llama(self, file: Path, lo: int, hi: int) -> int | None:
+        """Where llama.cpp mapped file bytes [lo, hi) (None: not mapped there)."""
+        m = self._llama.get(file)
+        return m.at(lo, hi) if m is not None and hi > lo else None
+
     def _read_ahead(self, file: Path, lo: int, size: int) -> None:
-        base = self._llama.get(file)
-        if POPULATE and base is not None:
-            a, b = round_out(lo, lo + size)
-            if _libc.madvise(base + a, b - a, MADV_POPULATE_READ) == 0:
-                return
+        a, b = round_out(lo, lo + size)
+        addr = self._in_llama(file, a, b)
+        if POPULATE and addr is not None and _libc.madvise(addr, b - a, MADV_POPULATE_READ) == 0:
+            return
         os.posix_fadvise(self._fds[file], lo, size, os.POSIX_FADV_WILLNEED)
 
     def _advise(self, unit: Unit, advice: int) -> None:
         for s in unit.spans:
-            base = self._llama.get(s.file)
             lo, hi = round_in(s.start, s.end)
-            if base is not None and hi > lo:
-                _libc.madvise(base + lo, hi - lo, advice)
+            addr = self._in_llama(s.file, lo, hi)
+            if addr is not None:
+                _libc.madvise(addr, hi - lo, advice)
 
     def _evict(self, unit: Unit) -> None:
         for s in unit.spans:
             lo, hi = round_in(s.start, s.end)
             if hi <= lo:
                 continue
-            base = self._llama.get(s.file)
-            if base is not None:
-                _libc.madvise(base + lo, hi - lo, MADV_DONTNEED)
+            addr = self._in_llama(s.file, lo, hi)
+            if addr is not None:
+                _libc.madvise(addr, hi - lo, MADV_DONTNEED)
             os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
@@ -337,19 +343,25 @@ def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
     units = [u for u in units_of(model_file.tensors, n_layer) if u.index < first_gpu]
     if not units:
         return None
-    return Streamer(units, plan.disk_stream_bytes, n_layer)
+    from corral.offload.memory import touched_compute_bytes
+    from corral.offload.profile import profile_of
+
+    profile = profile_of(model_file, model_file.files[0])
+    reserve = touched_compute_bytes(profile, settings.n_ctx or profile.n_ctx_train, settings.n_ubatch,
+                                    settings.flash_attn)
+    return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=reserve)
 
 
-def measured_stream_bytes(units: Sequence[Unit], window: int) -> int | None:
+def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None:
     """Inside a memory cgroup, what cannot stay resident given the group's anonymous memory now (after the
-    model and context are allocated): finer than the plan's worst-case compute buffers. None: no cgroup."""
+    model and context are allocated) and the `reserve` still to be written. None: no cgroup."""
     from corral.offload.memlimit import cgroup_memory_limit
+    from corral.offload.memory import stream_margin
 
     limit = cgroup_memory_limit()
     if limit is None:
         return None
-    margin = max(64 * 1024 * 1024, limit.limit // 8)  # measured: a tighter margin re-reads prefetched pages
-    room = limit.limit - limit.anon - margin - window
+    room = limit.limit - limit.anon - reserve - stream_margin(limit.limit)  # `choose` adds the read-ahead's room
     return max(0, sum(u.nbytes for u in units) - max(0, room))
 
 
