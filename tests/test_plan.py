@@ -107,6 +107,24 @@ def test_disk_streaming_is_loud() -> None:
     assert "streamed from disk" in p.headline
 
 
+def test_cgroup_streaming_counts_what_generation_writes() -> None:
+    """In a memory cgroup the plan predicts what the streaming engine does: room beside what loading writes (not
+    llama.cpp's reserved-but-untouched logits for a whole ubatch), the rest streamed plus the read-ahead room."""
+    hw = replace(machine(ram_gib=64), ram_available=60 * GiB, ram_limit="cgroup v1 /corral")
+    opts = PlanOptions(quant="Q2_K", n_ctx=8192)
+    in_group = plan_model("llama-3.1-405b", opts, hw)
+    assert in_group.disk_stream_bytes > 0
+    cpu = in_group.device("CPU")
+    assert cpu is not None
+    mapped = cpu.weights_bytes + in_group.disk_stream_bytes  # resident + streamed (+ the embedding, ~1.6 GiB)
+    window = memory.stream_window(mapped, 126)
+    room = 60 * GiB - cpu.kv_bytes - memory.stream_margin(64 * GiB)  # less the vocabulary and activations
+    assert abs(in_group.disk_stream_bytes - (mapped - room + window)) < 3 * GiB
+    assert in_group.disk_stream_bytes < mapped - (room - cpu.compute_bytes) + window  # not the reserved logits
+    roomy = plan_model("llama-3.1-8b", opts, hw)  # fits: nothing streams
+    assert roomy.disk_stream_bytes == 0
+
+
 def test_context_autofit() -> None:
     big = plan_model("llama-3.1-8b", PlanOptions(quant="Q4_K_M"), machine(ram_gib=128))
     assert big.n_ctx == 131072 and big.fits and not big.disk_stream_bytes

@@ -120,3 +120,14 @@ def test_hf_folder_and_its_gguf_profile_alike(mini_checkpoint: Path, mini_gguf_b
     (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn"}}))
     with pytest.raises(UnsupportedModel, match="rope type"):
         load_profile(bad, "Q4_K_M")
+
+
+def test_generation_touches_a_few_logit_rows_not_a_ubatch() -> None:
+    """What a streaming engine reserves beside its weights: llama.cpp reserves logits for every token of a ubatch
+    (~250 MiB for a 128K vocabulary at 512), but generation writes only the rows it asks for."""
+    prof = profile_from_shape(CATALOG["llama-3.1-8b"], "Q4_K_M")
+    worst = memory.compute_buffer_bytes(prof, 8192, 512, True)
+    touched = memory.touched_compute_bytes(prof, 8192, 512, True)
+    parts = memory.compute_parts(prof, 8192, 512, True)
+    assert touched == max(parts["attn"], parts["ffn"]) < worst
+    assert memory.touched_compute_bytes(prof, 8192, 4, True) >= (prof.n_vocab + 2 * prof.n_embd) * 4 * 4

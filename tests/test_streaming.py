@@ -12,7 +12,7 @@ import pytest
 from corral.app.runtime import streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
-from corral.app.runtime.stream_units import PAGE
+from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, split
 from corral.app.runtime.streaming import Span, Streamer, Unit, choose, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
@@ -64,6 +64,32 @@ def test_choose_streams_enough_spread_over_the_token() -> None:
     assert got != list(range(len(got)))  # not one block: resident layers sit between streamed ones
     assert max(b - a for a, b in zip(got, got[1:])) <= 2
     assert choose(units, 0, 0).streamed == () and len(choose(units, 10_000, 0).resident) == 0
+
+
+def test_choose_splits_the_biggest_streamed_unit() -> None:
+    """Whole units overshoot by up to a unit (a Llama 3 head is ~8 layers): the biggest streamed unit is split,
+    its first part resident, so what streams is what was asked for to within SPLIT_MIN."""
+    mib = 1 << 20
+    units = _units([30 * mib] * 8 + [250 * mib])
+    want = 300 * mib
+    sets = choose(units, stream_bytes=want - 64 * mib, window=64 * mib)
+    assert want <= sets.streamed_bytes < want + SPLIT_MIN
+    assert sets.resident_bytes + sets.streamed_bytes == sum(u.nbytes for u in units)
+    head_r = [u for u in sets.resident if u.index == 8]
+    head_s = [u for u in sets.streamed if u.index == 8]
+    assert len(head_r) == len(head_s) == 1  # the head: first part resident, the rest streams
+    assert head_r[0].spans[-1].end == head_s[0].spans[0].start and head_s[0].spans[0].start % PAGE == 0
+
+
+def test_split_cuts_at_a_page_across_spans() -> None:
+    f = Path("m.gguf")
+    unit = Unit(3, (Span(f, 100, 5000), Span(f, 9000, 30000)))
+    head, tail = split(unit, 10_000)
+    assert head.index == tail.index == 3
+    assert head.spans == (Span(f, 100, 5000), Span(f, 9000, 12288))  # 4900 + 5100 bytes: cut at page 3
+    assert tail.spans == (Span(f, 12288, 30000),)
+    head, tail = split(unit, 10)  # less than to the first page boundary: nothing stays
+    assert head.spans == () and tail.spans == unit.spans
 
 
 def test_llama_mapping_is_the_largest_shared_one(tmp_path: Path) -> None:

@@ -34,8 +34,8 @@ from corral.app.runtime.stream_units import (
 )
 
 MADV_NORMAL, MADV_SEQUENTIAL, MADV_DONTNEED, MADV_POPULATE_READ = 0, 2, 4, 22
-# read ahead by populating llama.cpp's own mapping (no minor faults left for compute; measured +5-7% tok/s at
-# file/limit 2); CORRAL_STREAM_POPULATE=0 falls back to WILLNEED
+# read ahead by populating llama.cpp's own mapping (no minor faults left for compute; its gain over WILLNEED is not
+# measured since the streamer finds llama.cpp's mapping, see BENCHMARKS.md); CORRAL_STREAM_POPULATE=0: WILLNEED
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
