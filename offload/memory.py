@@ -144,9 +144,12 @@ def stream_margin(limit: int) -> int:
     return max(32 * MiB, limit // 32)
 
 
+STREAM_WINDOW_MIN = 64 * MiB  # read-ahead room of a small model (at most an eighth of it)
+
+
 def stream_window(per_token_bytes: int, n_layer: int) -> int:
     """The streaming engine's read-ahead room (app/runtime/stream_units.window_for), from an average layer."""
-    return max(2 * per_token_bytes // max(1, n_layer + 1), min(64 * MiB, per_token_bytes // 8))
+    return max(2 * per_token_bytes // max(1, n_layer + 1), min(STREAM_WINDOW_MIN, per_token_bytes // 8))
 
 
 def cgroup_streamed_bytes(profile: ModelProfile, per_token_mapped: int, available: int, limit: int, written: int,
