@@ -33,16 +33,17 @@ from corral.app.runtime.stream_units import (
     window_for,
 )
 
-MADV_NORMAL, MADV_SEQUENTIAL, MADV_DONTNEED, MADV_POPULATE_READ = 0, 2, 4, 22
+MADV_NORMAL, MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_READ = 0, 4, 14, 22
 # read ahead by populating llama.cpp's own mapping (no minor faults left for compute; its gain over WILLNEED is not
 # measured since the streamer finds llama.cpp's mapping, see BENCHMARKS.md); CORRAL_STREAM_POPULATE=0: WILLNEED
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
-# Below this share of a token's bytes resident, streaming is left to plain mmap: dropping every streamed unit after
-# use reads all of it, while the kernel's LRU keeps a few pages. Measured at file/limit 3 (a 400 MiB group): with 17%
-# resident, streaming read 0.78 GiB per token where plain mmap read 0.88.
-MIN_RESIDENT_SHARE = 0.10
+# Streamed layers are advised MADV_HUGEPAGE in llama.cpp's mapping: a page fault there, or a populate, then reads
+# 4 MiB around it (PMD-sized read-around) instead of 128 KiB. Disks serve a bounded number of requests per second,
+# so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
+# 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time). CORRAL_STREAM_HUGEPAGE=0 leaves it out.
+HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
 CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
 CALIBRATION_MIN_TOKENS = 3
 
@@ -107,7 +108,6 @@ class Streamer:
         self._fds: dict[Path, int] = {}
         self._own: dict[Path, tuple[int, int]] = {}  # our mapping of each file (address, length)
         self._refresh = False
-        self.passive = False  # left to plain mmap (see start)
         self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
         self._llama: dict[Path, Mapping] = {}
         self.locked = False
@@ -125,8 +125,7 @@ class Streamer:
 
     def describe(self) -> dict[str, Any]:
         return {"resident_bytes": self.sets.resident_bytes, "streamed_bytes": self.sets.streamed_bytes,
-                "window": self.sets.window, "locked": self.locked, "streamed_units": self._order,
-                "passive": self.passive}
+                "window": self.sets.window, "locked": self.locked, "streamed_units": self._order}
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,9 +133,6 @@ class Streamer:
         measured = measured_stream_bytes(self.units, self.reserve)
         if measured is not None:
             self._choose(measured)
-            if self.sets.resident_bytes < MIN_RESIDENT_SHARE * sum(u.nbytes for u in self.units):
-                self.passive = True  # next to nothing can stay: the kernel's LRU keeps a little more than dropping all
-                return
         files = {s.file for u in self.units for s in u.spans}
         for f in files:
             self._fds[f] = os.open(f, os.O_RDONLY)
@@ -146,7 +142,8 @@ class Streamer:
             self._keep_hot()
         for u in self.sets.streamed:  # what llama.cpp's load left in the cache is not ours to keep
             self._evict(u)
-            self._advise(u, MADV_SEQUENTIAL)  # a fault reads ahead only, never back into what was dropped
+            if HUGEPAGE:
+                self._advise(u, MADV_HUGEPAGE)  # faults and populates read 4 MiB at a time (see HUGEPAGE)
         self._thread = threading.Thread(target=self._run, name="corral-prefetch", daemon=True)
         self._thread.start()
         _active.append(self)
@@ -249,15 +246,17 @@ class Streamer:
 
     def _follow(self, pos: int) -> None:
         """Drop streamed units already used; read ahead the next ones (cyclically) as far as the window
-        holds. A unit bigger than the window is read ahead in part: faults read the rest sequentially."""
+        holds. A unit bigger than the window is read ahead in part until compute reaches it, then to its end."""
         n = self.n_layer + 1
         ahead: list[tuple[int, int]] = []
         budget = self.sets.window
         for index in sorted(self._order, key=lambda i: (i - pos) % n):
             if budget <= 0 and ahead:
                 break
-            ahead.append((index, max(budget, WILLNEED_CHUNK)))
-            budget -= self._by_index[index].nbytes
+            size = self._by_index[index].nbytes
+            # the unit computing now is read to its end: compute faults in all of it anyway, 4 MiB at a time
+            ahead.append((index, size if index == pos else max(budget, WILLNEED_CHUNK)))
+            budget -= size
         keep = {i for i, _ in ahead}
         for index in sorted(set(self._fetched) - keep):
             self._evict(self._by_index[index])
