@@ -63,22 +63,18 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def cold_read_speed(path: Path, nbytes: int = 1 << 62) -> float:
-    """Bytes/s of a cold sequential read of the whole file (what the disk gives when streaming). The whole
-    file, not a prefix: this VM's virtual disk is cached by its host, and a prefix read again reads faster."""
+def cold_read_speed(path: Path) -> float:
+    """Bytes/s of a cold read of the whole file as the streaming engine reads (4 MiB requests, see
+    `offload.bandwidth.timed_cold_read`): what the disk gives with no compute beside it. The whole file, not a
+    prefix: this VM's virtual disk is cached by its host, and a prefix read again reads faster."""
+    from corral.offload.bandwidth import timed_cold_read
+
     evict(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done, t0 = 0, time.perf_counter()
-        while done < nbytes:
-            block = os.read(fd, 16 * 1024 * 1024)
-            if not block:
-                break
-            done += len(block)
-        return done / (time.perf_counter() - t0)
-    finally:
-        os.close(fd)
-        evict(path)
+    speed = timed_cold_read(path, path.stat().st_size, seconds=600.0)
+    evict(path)
+    if not speed:
+        raise RuntimeError(f"could not read {path}")
+    return speed
 
 
 def read_bytes() -> int:

@@ -117,7 +117,8 @@ def measure_ram_bandwidth(nbytes: int = 256 * 1024**2, seconds: float = 0.4) -> 
 
 
 def measure_disk_bandwidth(path: Path, nbytes: int = 128 * 1024**2, seconds: float = 1.0) -> float | None:
-    """Cold sequential read speed: the model file itself if big enough, else a scratch file (page cache dropped)."""
+    """Cold sequential read speed (see `timed_cold_read`): the model file itself if big enough, else a scratch file
+    (page cache dropped)."""
     target = path if path.is_file() and path.stat().st_size >= nbytes else None
     scratch = None
     folder = path if path.is_dir() else path.parent
@@ -134,7 +135,7 @@ def measure_disk_bandwidth(path: Path, nbytes: int = 128 * 1024**2, seconds: flo
                 fh.flush()
                 os.fsync(fh.fileno())
             target = scratch
-        return _timed_cold_read(target, nbytes, seconds)
+        return timed_cold_read(target, nbytes, seconds)
     except OSError:
         return None
     finally:
@@ -142,21 +143,52 @@ def measure_disk_bandwidth(path: Path, nbytes: int = 128 * 1024**2, seconds: flo
             scratch.unlink(missing_ok=True)
 
 
-def _timed_cold_read(target: Path, nbytes: int, seconds: float) -> float | None:
+MADV_POPULATE_READ = 22  # Linux 5.14+ (not in Python's mmap module before 3.13)
+READ_CHUNK = 8 * 1024 * 1024
+
+
+def timed_cold_read(target: Path, nbytes: int, seconds: float) -> float | None:
+    """Bytes/s reading the first `nbytes` of `target` cold, as the streaming engine reads: populating a mapping
+    advised MADV_HUGEPAGE (4 MiB requests) in 8 MiB pieces. Where the kernel lacks that, plain 8 MiB reads."""
     fd = os.open(target, os.O_RDONLY)
     try:
+        nbytes = min(nbytes, os.fstat(fd).st_size)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_DONTNEED)  # only the range we read
-        done = 0
-        t0 = time.perf_counter()
-        while done < nbytes and time.perf_counter() - t0 < seconds:
-            block = os.read(fd, 8 * 1024 * 1024)
-            if not block:
-                break
-            done += len(block)
-        dt = time.perf_counter() - t0
+        try:
+            done, dt = _populate(fd, nbytes, seconds)
+        except (OSError, ValueError, AttributeError):
+            done, dt = _read(fd, nbytes, seconds)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_DONTNEED)
         return done / dt if done and dt > 0 else None
     finally:
         os.close(fd)
+
+
+def _populate(fd: int, nbytes: int, seconds: float) -> tuple[int, float]:
+    import mmap
+
+    length = nbytes // mmap.PAGESIZE * mmap.PAGESIZE
+    if length <= 0:
+        raise ValueError("file smaller than a page")
+    with mmap.mmap(fd, length, prot=mmap.PROT_READ) as m:
+        m.madvise(mmap.MADV_HUGEPAGE)
+        done, t0 = 0, time.perf_counter()
+        while done < length and time.perf_counter() - t0 < seconds:
+            n = min(READ_CHUNK, length - done)
+            m.madvise(MADV_POPULATE_READ, done, n)
+            done += n
+        dt = time.perf_counter() - t0
+        m.madvise(mmap.MADV_DONTNEED)
+    return done, dt
+
+
+def _read(fd: int, nbytes: int, seconds: float) -> tuple[int, float]:
+    done, t0 = 0, time.perf_counter()
+    while done < nbytes and time.perf_counter() - t0 < seconds:
+        block = os.read(fd, READ_CHUNK)
+        if not block:
+            break
+        done += len(block)
+    return done, time.perf_counter() - t0

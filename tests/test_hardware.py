@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -110,6 +111,27 @@ def test_real_bandwidth_measurement(tmp_path: Path) -> None:
     assert bw["ram"] > 1e8 and bw["disk"] > 1e6
     assert json.loads((tmp_path / "cache" / "bandwidth-v2.json").read_text())["ram"] == bw["ram"]
     assert not list(tmp_path.glob(".corral-bw-*"))  # scratch file removed
+
+
+def test_cold_read_reads_as_streaming_does_and_falls_back_to_plain_reads(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk tier's speed is measured by populating a MADV_HUGEPAGE mapping (the streaming engine's 4 MiB
+    requests); a kernel without MADV_POPULATE_READ gets plain reads. Neither leaves the file cached."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(24 * 1024 * 1024 + 123))  # not a whole number of pages or chunks
+    used: list[str] = []
+    populate, read = bandwidth._populate, bandwidth._read
+    monkeypatch.setattr(bandwidth, "_populate", lambda *a: used.append("populate") or populate(*a))
+    monkeypatch.setattr(bandwidth, "_read", lambda *a: used.append("read") or read(*a))
+    assert (bandwidth.timed_cold_read(f, 1 << 40, 10.0) or 0) > 1e6
+    assert used == ["populate"]
+
+    def refused(*_a: object) -> tuple[int, float]:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(bandwidth, "_populate", refused)
+    assert (bandwidth.timed_cold_read(f, 1 << 40, 10.0) or 0) > 1e6
+    assert used == ["populate", "read"]
 
 
 def test_what_if_replaces_parts() -> None:
