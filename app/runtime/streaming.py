@@ -321,9 +321,10 @@ class Streamer:
         self._calibrate()
 
     def _calibrate(self) -> None:
-        """Leave the median measured read speed for later plans of models on this filesystem."""
+        """Leave the median measured read speed for later plans of models on this filesystem (only from the
+        default way of reading: a run with the populate or the huge-page advice turned off measured another)."""
         speeds, self._speeds = sorted(self._speeds), []
-        if len(speeds) >= CALIBRATION_MIN_TOKENS:
+        if len(speeds) >= CALIBRATION_MIN_TOKENS and POPULATE and HUGEPAGE:
             from corral.offload.bandwidth import record_stream_bandwidth
 
             record_stream_bandwidth(self.units[0].spans[0].file, speeds[len(speeds) // 2])
