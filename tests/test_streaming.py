@@ -12,7 +12,7 @@ import pytest
 from corral.app.runtime import streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
-from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, split
+from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, StreamSets, split
 from corral.app.runtime.streaming import Span, Streamer, Unit, choose, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
@@ -79,6 +79,37 @@ def test_choose_splits_the_biggest_streamed_unit() -> None:
     head_s = [u for u in sets.streamed if u.index == 8]
     assert len(head_r) == len(head_s) == 1  # the head: first part resident, the rest streams
     assert head_r[0].spans[-1].end == head_s[0].spans[0].start and head_s[0].spans[0].start % PAGE == 0
+
+
+def test_read_ahead_reads_the_computing_unit_whole_and_the_next_within_the_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit computing now is read to its end (compute faults all of it in anyway); the ones after it only as
+    far as the window holds; what compute has left behind is dropped."""
+    mib = 1024 * 1024
+    units = _units([10 * mib] * 6 + [100 * mib])  # six layers and a head bigger than the window
+    s = Streamer(units, stream_bytes=0, n_layer=6, lock=False)
+    streamed = [units[i] for i in (1, 3, 5, 6)]
+    s._use(StreamSets(tuple(u for u in units if u not in streamed), tuple(streamed), 25 * mib))
+    reads: list[tuple[int, int]] = []
+    dropped: list[int] = []
+    monkeypatch.setattr(s, "_read_ahead", lambda _f, lo, size: reads.append((lo, size)))
+    monkeypatch.setattr(s, "_evict", lambda unit: dropped.append(unit.index))
+
+    def read_of(unit: Unit) -> int:
+        span = unit.spans[0]
+        return sum(size for lo, size in reads if span.start <= lo < span.end)
+
+    s._follow(6)  # computing the head: all 100 MiB of it, nothing after (the window is used up)
+    assert read_of(units[6]) == 100 * mib and sum(size for _, size in reads) == 100 * mib
+    reads.clear()
+    s._follow(0)  # a new token: 1 and 3 whole, 5 in part (25 MiB of window); the head is behind: dropped
+    assert [read_of(units[i]) for i in (1, 3, 5, 6)] == [10 * mib, 10 * mib, streaming.WILLNEED_CHUNK, 0]
+    assert dropped == [6]
+    reads.clear()
+    s._follow(5)  # 5 computing: its rest; then the head as far as the window goes; 1 and 3 dropped
+    assert read_of(units[5]) == 10 * mib - streaming.WILLNEED_CHUNK
+    assert read_of(units[6]) == 2 * streaming.WILLNEED_CHUNK  # 15 MiB of window left, in 8 MiB pieces
+    assert dropped == [6, 1, 3]
 
 
 def test_split_cuts_at_a_page_across_spans() -> None:
