@@ -24,13 +24,13 @@ GPU_TOKEN_PER_LAYER_S = 1.5e-5
 CPU_FLOPS_PER_THREAD = 30e9
 PP_PER_TOKEN_S = 1.0e-4  # embeddings, norms, rope, attention of short prompts
 GPU_FLOPS_PER_BYTE_PER_S = 80.0
-PCIE_BANDWIDTH = 20e9
+PCIE_BANDWIDTH = 20e9  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
 # measured (bench_streaming): 0.268, 0.609 and 0.834 GiB read per token for 257, 582 and 782 MiB streamed; a fault
 # or populate in a streamed layer reads the 4 MiB around it, so edges next to resident layers are read too
 STREAM_READ_OVERHEAD = 1.08
 # Measured with bench_streaming (F16, 0.93 GiB read per token, room = cgroup limit - ~0.15 GiB anonymous):
 # raw mmap kept 0.21 of 0.75, 0.09 of 0.44 and 0.06 of 0.24 GiB across a token's sweep: about a quarter of the room.
-MMAP_KEPT_FRACTION = 0.25  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
+MMAP_KEPT_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
