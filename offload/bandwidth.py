@@ -76,11 +76,21 @@ def measure_bandwidth(path: str | Path | None = None, *, cache: Path | None = No
     return have
 
 
+STREAM_HISTORY = 5  # runs whose streaming speeds are kept; plans use their median
+
+
 def record_stream_bandwidth(path: str | Path, speed: float, *, cache: Path | None = None) -> None:
     """The read speed a run streaming weights from `path` measured (bytes read per token / the token's time): later
-    plans use it for the disk tier of that filesystem instead of the cold sequential read."""
+    plans use the median of the last STREAM_HISTORY runs' speeds for the disk tier of that filesystem instead of
+    the cold read. A median, not the last run: measured speeds of one disk differ by 1.5x between runs
+    (BENCHMARKS.md), and one odd run should not move every later plan."""
     data = _read_cache(cache)
-    data["stream:" + _disk_key(Path(path))] = float(speed)
+    key = "stream:" + _disk_key(Path(path))
+    kept = data.get(key + ":history")
+    history = [float(x) for x in kept if isinstance(x, (int, float)) and x > 0] if isinstance(kept, list) else []
+    history = [*history[-(STREAM_HISTORY - 1):], float(speed)]
+    data[key + ":history"] = history
+    data[key] = sorted(history)[len(history) // 2]
     _write_cache(data, cache)
 
 

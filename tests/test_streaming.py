@@ -339,6 +339,9 @@ def test_measured_read_speed_calibrates_later_plans(tmp_path: Path, monkeypatch:
     s._speeds = [1e8, 1e8, 1e8]
     s._calibrate()
     assert cached_bandwidth(tmp_path)["disk_streaming"] == 6e8
+    for speed in (1e9, 2e9, 1.5e9, 9e9, 1.2e9):  # the median of the last five runs, so one odd run moves nothing
+        record_stream_bandwidth(model, speed)
+    assert cached_bandwidth(tmp_path)["disk_streaming"] == 1.5e9
 
 
 def test_a_split_gguf_streams_across_its_shards(tmp_path: Path) -> None:
