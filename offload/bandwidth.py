@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
 import time
@@ -177,8 +178,6 @@ def timed_cold_read(target: Path, nbytes: int, seconds: float) -> float | None:
 
 
 def _populate(fd: int, nbytes: int, seconds: float) -> tuple[int, float]:
-    import mmap
-
     length = nbytes // mmap.PAGESIZE * mmap.PAGESIZE
     if length <= 0:
         raise ValueError("file smaller than a page")
