@@ -140,7 +140,7 @@ VOCAB_HEAP_PER_TOKEN = 480  # llama.cpp's vocabulary on the heap: ~60 MiB for Ll
 def stream_margin(limit: int) -> int:
     """Memory a streaming engine leaves unused in a memory cgroup of `limit` bytes: fault read-ahead at the edges
     of streamed units, small heap growth. Measured at file/limit 1.3-3 (0.4-0.9 GiB groups): with 32 MiB, what
-    is read per token is within 0-4% of what streams."""
+    is read per token is within 2-10% of what streams (the 4 MiB read-around at the edges, BENCHMARKS.md)."""
     return max(32 * MiB, limit // 32)
 
 

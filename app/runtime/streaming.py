@@ -34,9 +34,9 @@ from corral.app.runtime.stream_units import (
     window_for,
 )
 
-MADV_NORMAL, MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_READ = 0, 4, 14, 22
-# read ahead by populating llama.cpp's own mapping (no minor faults left for compute; its gain over WILLNEED is not
-# measured since the streamer finds llama.cpp's mapping, see BENCHMARKS.md); CORRAL_STREAM_POPULATE=0: WILLNEED
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_READ = 4, 14, 22
+# read ahead by populating llama.cpp's own mapping: its reads take the mapping's 4 MiB read-around (see HUGEPAGE),
+# where WILLNEED on a file descriptor reads through the file's 128 KiB read-ahead; CORRAL_STREAM_POPULATE=0: WILLNEED
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
@@ -226,7 +226,6 @@ class Streamer:
         self._use(StreamSets(tuple(resident), new.streamed, window))
         for u in grown:  # unlocked, they are kept hot at each token boundary like the rest of the resident set
             self._fetched.pop(u.index, None)
-            self._advise(u, MADV_NORMAL)
             for sp in u.spans if self.locked else ():
                 lo, hi = round_out(sp.start, sp.end)
                 _libc.mlock(self._own[sp.file][0] + lo, hi - lo)  # refused: it stays hot as long as it is used
