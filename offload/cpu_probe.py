@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType
 from corral.convert.quantize_child import signal_name
 
 from . import memory
-from .hardware import Hardware, cache_dir
+from .hardware import Hardware, cache_dir, cpu_info
 from .profile import ModelProfile, TensorInfo
 
 T = GGMLQuantizationType
@@ -285,6 +285,15 @@ def check_extra_buffers(hw: Hardware, profile: ModelProfile, *, cache: Path | No
             elif v.status == "unused":
                 hw = replace(hw, absent_cpu_buffers=hw.absent_cpu_buffers | {b})
     return hw
+
+
+def broken_on_this_cpu(profile: ModelProfile, *, cache: Path | None = None,
+                       command: Sequence[str] | None = None) -> frozenset[str]:
+    """The extra buffers a CPU-only load of `profile` would use on this machine that the probe finds broken
+    (probing what is not cached): the check for a plan made for other hardware (a file, a what-if, a test)."""
+    flags, name = cpu_info()
+    here = Hardware(cpu_flags=flags, cpu_name=name, source="this CPU")
+    return check_extra_buffers(here, profile, cache=cache, command=command).broken_cpu_buffers
 
 
 def machine_verdicts(hw: Hardware, *, cache: Path | None = None, probe: bool = True,

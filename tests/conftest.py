@@ -9,12 +9,36 @@ import pytest
 from corral.convert.minimodel import MiniSpec, build_checkpoint
 
 
+@pytest.fixture(scope="session")
+def _cpu_verdicts(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """This CPU's extra-buffer verdicts (offload/cpu_probe), probed once per session: every load checks them
+    (a broken AMX buffer would take the test process down), and a fresh home would probe again."""
+    from corral.offload import cpu_probe
+    from corral.offload.hardware import Hardware, cpu_info
+
+    home = tmp_path_factory.mktemp("probe-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CORRAL_HOME", str(home))
+        flags, name = cpu_info()
+        cpu_probe.machine_verdicts(Hardware(cpu_flags=flags, cpu_name=name))
+        verdicts = home / "cache" / cpu_probe.PROBE_CACHE_FILE
+        return verdicts.read_bytes() if verdicts.is_file() else b""
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own CORRAL_HOME, so nothing touches the user's data. Planning on detected hardware
-    does not time llama.cpp's CPU kernels (seconds per fresh home; tests/test_cpu_rates.py runs it once)."""
-    monkeypatch.setenv("CORRAL_HOME", str(tmp_path_factory.mktemp("corral-home")))
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                   _cpu_verdicts: bytes) -> None:
+    """Every test gets its own CORRAL_HOME, so nothing touches the user's data; it starts with this CPU's probe
+    verdicts. Planning on detected hardware does not time llama.cpp's CPU kernels (seconds per fresh home;
+    tests/test_cpu_rates.py runs it once)."""
+    from corral.offload import cpu_probe
+
+    home = tmp_path_factory.mktemp("corral-home")
+    monkeypatch.setenv("CORRAL_HOME", str(home))
     monkeypatch.setenv("CORRAL_CPU_RATES", "off")
+    if _cpu_verdicts:
+        (home / "cache").mkdir()
+        (home / "cache" / cpu_probe.PROBE_CACHE_FILE).write_bytes(_cpu_verdicts)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from corral.app.runtime.native import lc as _lc
 from corral.app.runtime.setup import (
     EngineOptions,
     apply_options,
+    checked_on_this_cpu,
     does_not_fit_message,
     make_plan,
     resolve_model_path,
@@ -78,7 +79,7 @@ def load_engine(
         plan = make_plan(path, options, model_file)
     if not plan.fits and not options.force:
         raise DoesNotFit(does_not_fit_message(plan), path=path)
-    settings = apply_options(plan.load, options)
+    settings, cpu_note = checked_on_this_cpu(plan, apply_options(plan.load, options), model_file, path)
     init_backend()
     LOG.install()
     LOG.verbose = options.verbose
@@ -92,7 +93,7 @@ def load_engine(
     # the engine owns model and context from here on (it frees them itself if its setup fails)
     engine = LlamaEngine(path, model, ctx, native.n_batch, plan=plan, model_file=model_file, settings=settings,
                          load_log=load_log)
-    engine.warnings.extend(plan.warnings)
+    engine.warnings.extend((*plan.warnings, *([cpu_note] if cpu_note else [])))
     engine.streamer = streamer
     engine._eval_callback = c_eval  # llama.cpp calls it for as long as the context lives
     if draft is not None:

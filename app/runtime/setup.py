@@ -111,6 +111,24 @@ def apply_options(settings: LoadSettings, options: EngineOptions) -> LoadSetting
     return replace(settings, **changes)
 
 
+def checked_on_this_cpu(plan: Plan, settings: LoadSettings, model_file: GGUFModelFile,
+                        path: Path) -> tuple[LoadSettings, str | None]:
+    """A plan made for other hardware (a file, a what-if, a test's machine) did not ask this CPU's probe: an
+    extra buffer that is broken here (AMX kernels that segfault on some hosts) would take the process down on
+    the first decode, so it is turned off, with a warning. Plans made here were checked already."""
+    if not settings.use_extra_bufts or plan.hardware_source == "detected" or any(
+            d.kind in ("gpu", "rpc") for d in plan.devices):
+        return settings, None
+    from corral.offload.cpu_probe import broken_on_this_cpu
+    from corral.offload.profile import profile_of
+
+    broken = broken_on_this_cpu(profile_of(model_file, path))
+    if not broken:
+        return settings, None
+    return replace(settings, use_extra_bufts=False), (
+        f"extra CPU buffers off: {', '.join(sorted(broken))} failed this CPU's probe (see `corral info hardware`)")
+
+
 def last_log_line(lines: Sequence[str]) -> str | None:
     """The most telling line of a llama.cpp log excerpt: the last error-ish one, else the last one."""
     keywords = ("error", "failed", "unable", "cannot", "does not", "not supported", "invalid", "out of memory")
