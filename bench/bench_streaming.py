@@ -101,13 +101,27 @@ class _Clock:
         self.pieces.append(piece)
 
 
+# raw loads with llama.cpp's extra buffers off, as `llama-cli --no-repack`: on AMX hosts llama.cpp otherwise
+# copies F16 matrices into its AMX buffer, anonymous memory that cannot stream (the child is OOM-killed in the
+# group); elsewhere F16 has no extra buffer and nothing changes.
+
+
 def child(mode: str, path: Path, tokens: int, threads: int) -> dict[str, Any]:
     """Generate `tokens` greedily; per-token numbers exclude the prompt and the first token."""
     clock = _Clock()
     t_load = time.perf_counter()
     if mode == "raw":
         from llama_cpp import Llama
+        from llama_cpp import llama_cpp as lc
 
+        default_params = lc.llama_model_default_params
+
+        def plain_mmap_params() -> Any:  # as llama-cli --no-repack (see above)
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        lc.llama_model_default_params = plain_mmap_params
         llm = Llama(model_path=str(path), n_ctx=512, n_batch=64, n_threads=threads, n_threads_batch=threads,
                     verbose=False)
         load_s = time.perf_counter() - t_load
@@ -153,7 +167,7 @@ def child_setup(cgroup: Path | None) -> Callable[[], None]:
 
 
 # sides beyond raw and corral: corral with one of its measured choices undone (the ablations in BENCHMARKS.md)
-ABLATIONS = {"corral-128k": {"CORRAL_STREAM_HUGEPAGE": "0"}}
+ABLATIONS = {"corral-128k": {"CORRAL_STREAM_HUGEPAGE": "0"}, "corral-w64": {"CORRAL_STREAM_WINDOW_SHARE": "0"}}
 
 
 def run_child(side: str, path: Path, tokens: int, threads: int, cgroup: Path | None) -> dict[str, Any]:

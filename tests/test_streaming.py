@@ -112,6 +112,21 @@ def test_read_ahead_reads_the_computing_unit_whole_and_the_next_within_the_windo
     assert dropped == [6, 1, 3]
 
 
+def test_window_is_a_share_of_what_is_missing_but_holds_a_unit() -> None:
+    """The read-ahead room is read again every token: two units or 64 MiB when much is missing, less when little
+    is (never less than the unit computing), none when nothing is."""
+    from corral.offload.memory import STREAM_WINDOW_MIN, STREAM_WINDOW_SHARE, stream_window
+
+    mib = 1024 * 1024
+    unit, total = 29 * mib, 25 * 29 * mib
+    assert stream_window(unit, total, 0) == 0
+    assert stream_window(unit, total, total) == STREAM_WINDOW_MIN  # a small model: at least 64 MiB
+    assert stream_window(unit, total, 200 * mib) == max(unit, 200 * mib // STREAM_WINDOW_SHARE)
+    assert stream_window(unit, total, 10 * mib) == unit
+    big = 1200 * mib  # a 405B layer in Q2_K: two of them
+    assert stream_window(big, 127 * big, 30 * 1024 * mib) == 2 * big
+
+
 def test_split_cuts_at_a_page_across_spans() -> None:
     f = Path("m.gguf")
     unit = Unit(3, (Span(f, 100, 5000), Span(f, 9000, 30000)))
@@ -286,7 +301,7 @@ def test_refresh_only_grows_the_resident_set(monkeypatch: pytest.MonkeyPatch) ->
     s = Streamer(units, stream_bytes=700, n_layer=12, lock=False)
     monkeypatch.setattr(s, "_keep_hot", lambda: None)
     before, streamed = {u.index for u in s.sets.resident}, s.sets.streamed_bytes
-    window = streaming.window_for(units)
+    window = streaming.window_for(units, 300)
     monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 300)
     s.refresh()
     s._apply_refresh()
@@ -298,6 +313,19 @@ def test_refresh_only_grows_the_resident_set(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 10_000)  # less room than now: no change
     s._apply_refresh()
     assert {u.index for u in s.sets.resident} == after
+
+
+def test_refresh_counts_only_the_reserve_no_batch_wrote() -> None:
+    """The group's anonymous memory already holds what the largest batch wrote of the compute buffer: a refresh
+    (a draft closed) must not subtract that part again."""
+    units = _units([100] * 6)
+    s = Streamer(units, stream_bytes=300, n_layer=5, lock=False, reserve=512 * 10, touched=lambda n: 10 * n)
+    assert s.reserve_left() == 5120  # nothing decoded yet
+    s.largest_batch = 13
+    assert s.reserve_left() == 5120 - 130
+    s.largest_batch = 512
+    assert s.reserve_left() == 0
+    assert Streamer(units, stream_bytes=300, n_layer=5, lock=False, reserve=77).reserve_left() == 77
 
 
 def test_with_no_room_everything_streams(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,8 +340,12 @@ def test_with_no_room_everything_streams(model: Path, monkeypatch: pytest.Monkey
     try:
         s = engine.streamer
         assert s is not None and not s.sets.resident and s.sets.streamed_bytes == total and s._thread is not None
-        assert engine.complete("Once upon a time", settings).text == want
+        got = engine.complete("Once upon a time", settings)
+        assert got.text == want
         assert s.positions >= 8 * (N_LAYERS + 1)
+        # the eval callback saw the prompt's batch: a refresh counts only the compute buffer no batch wrote yet
+        assert s.largest_batch == got.stats.prompt_tokens
+        assert 0 < s.reserve_left() < s.reserve
     finally:
         engine.close()
 

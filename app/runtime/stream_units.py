@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.convert.gguf_file import GGUFTensor
-from corral.offload.memory import STREAM_WINDOW_MIN
+from corral.offload.memory import STREAM_WINDOW_SHARE, stream_window
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _LAYER = re.compile(r"blk\.(\d+)\.")
 SPLIT_MIN = 4 * 1024 * 1024  # streaming this much more than needed is worth splitting a unit for
+# the read-ahead room's cap, 1/share of what is missing (offload/memory.stream_window); 0: no cap (an ablation)
+WINDOW_SHARE = int(os.environ.get("CORRAL_STREAM_WINDOW_SHARE", str(STREAM_WINDOW_SHARE)))
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,10 @@ def round_out(start: int, end: int) -> tuple[int, int]:
     return start // PAGE * PAGE, -(-end // PAGE) * PAGE
 
 
-def window_for(units: Sequence[Unit]) -> int:
-    """Read-ahead room: two typical units (the one computing and the next), at least 64 MiB (an eighth of a
-    small model). Measured on a 1.2 GB file: a wider window (6 units) read more per token, not less."""
+def window_for(units: Sequence[Unit], missing: int) -> int:
+    """Read-ahead room for streaming `missing` bytes of these units (offload/memory.stream_window)."""
     sizes = sorted(u.nbytes for u in units)
-    return max(2 * sizes[len(sizes) // 2], min(STREAM_WINDOW_MIN, sum(sizes) // 8)) if sizes else 0
+    return stream_window(sizes[len(sizes) // 2], sum(sizes), missing, WINDOW_SHARE) if sizes else 0
 
 
 @dataclass(frozen=True)

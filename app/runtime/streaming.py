@@ -16,7 +16,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,15 +91,17 @@ class Streamer:
     """Owns the resident lock, the prefetch thread and the eval callback for one loaded model."""
 
     def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True,
-                 reserve: int = 0) -> None:
-        """`reserve`: memory the process will still write after loading (the compute buffer generation touches)."""
+                 reserve: int = 0, touched: Callable[[int], int] | None = None) -> None:
+        """`reserve`: memory the process will still write after loading (the compute buffer generation touches);
+        `touched(n)`: what a batch of n tokens writes of it, so a refresh counts only what no batch wrote yet."""
         from llama_cpp import llama_cpp as lc
 
         self.units, self.n_layer, self._want_lock, self.reserve = tuple(units), n_layer, lock, reserve
+        self._touched, self.largest_batch = touched, 0
         self._choose(stream_bytes)
         self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
         self._markers[b"result_norm"] = n_layer
-        self._get_name = _ggml_get_name()
+        self._get_name, self._nrows = _ggml_functions()
         self.callback = lc.ggml_backend_sched_eval_callback(self._on_eval)
         self._cond = threading.Condition()
         self._pos: int | None = None
@@ -117,7 +119,7 @@ class Streamer:
         self.stats = StreamStats(0, 0.0, False, self.sets.resident_bytes, self.sets.streamed_bytes)
 
     def _choose(self, stream_bytes: int) -> None:
-        self._use(choose(self.units, stream_bytes, window_for(self.units)))
+        self._use(choose(self.units, stream_bytes, window_for(self.units, stream_bytes)))
 
     def _use(self, sets: StreamSets) -> None:
         self.sets = sets
@@ -184,6 +186,8 @@ class Streamer:
                 return unit is not None
             if unit is not None:
                 self.positions += 1
+                if unit == 0:  # attn_norm-0 is [n_embd, tokens in this ubatch]
+                    self.largest_batch = max(self.largest_batch, int(self._nrows(tensor)))
                 with self._cond:
                     self._pos = unit
                     self._cond.notify()
@@ -212,12 +216,18 @@ class Streamer:
             _malloc_trim(0)
         self._refresh = True
 
+    def reserve_left(self) -> int:
+        """What of the reserve no batch has written yet (the group's anonymous memory holds the rest)."""
+        if self._touched is None or not self.largest_batch:
+            return self.reserve
+        return max(0, self.reserve - self._touched(self.largest_batch))
+
     def _apply_refresh(self) -> None:
         """Only grows the resident set: what is locked stays locked, some streamed units (spread over the token,
         as `choose` spreads them) join it."""
         self._refresh = False
-        window = window_for(self.units)
-        measured = measured_stream_bytes(self.units, self.reserve)
+        measured = measured_stream_bytes(self.units, self.reserve_left())
+        window = window_for(self.units, measured or 0)
         if measured is None or measured + window >= self.sets.streamed_bytes:
             return
         new = choose(self.sets.streamed, measured, window)
@@ -347,9 +357,12 @@ def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
     from corral.offload.profile import profile_of
 
     profile = profile_of(model_file, model_file.files[0])
-    reserve = touched_compute_bytes(profile, settings.n_ctx or profile.n_ctx_train, settings.n_ubatch,
-                                    settings.flash_attn)
-    return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=reserve)
+    n_ctx = settings.n_ctx or profile.n_ctx_train
+
+    def touched(n_tokens: int) -> int:
+        return touched_compute_bytes(profile, n_ctx, min(n_tokens, settings.n_ubatch), settings.flash_attn)
+
+    return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=touched(settings.n_ubatch), touched=touched)
 
 
 def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None:
@@ -365,14 +378,15 @@ def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None
     return max(0, sum(u.nbytes for u in units) - max(0, room))
 
 
-def _ggml_get_name() -> Any:
-    """ggml_get_name from the ggml library llama-cpp-python loaded."""
+def _ggml_functions() -> tuple[Any, Any]:
+    """ggml_get_name and ggml_nrows from the ggml library llama-cpp-python loaded."""
     from corral.convert.ggml_lib import ggml
 
-    fn = ggml().ggml_get_name
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_void_p]
-    return fn
+    lib = ggml()
+    name, nrows = lib.ggml_get_name, lib.ggml_nrows
+    name.restype, nrows.restype = ctypes.c_char_p, ctypes.c_int64
+    name.argtypes = nrows.argtypes = [ctypes.c_void_p]
+    return name, nrows
 
 
 __all__ = ["Span", "live_stats", "StreamSets", "StreamStats", "Streamer", "Unit", "choose", "for_plan", "llama_mappings", "units_of",
