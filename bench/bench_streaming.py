@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             with memory_cgroup(limit) as cg:
                 for side in args.sides.split(","):
                     res[side] = run_child(side, path, args.tokens, args.threads, cg)
+                    streams = (res[side].get("streaming") or {}).get("streamed_bytes")
                     print(f"ratio {ratio}: {side} {res[side]['tps']:.3f} tok/s, "
-                          f"{res[side]['read_per_token'] / GiB:.3f} GiB/token", file=sys.stderr)
+                          f"{res[side]['read_per_token'] / GiB:.3f} GiB/token"
+                          + (f" ({streams / GiB:.3f} GiB streamed)" if streams else ""), file=sys.stderr)
             speeds.append(cold_read_speed(path))  # the disk's speed varies with its host: measured after each pair
             rows.append((ratio, limit, res))
         # the bound is an upper limit: the fastest cold read this run saw

@@ -126,7 +126,7 @@ def checked_on_this_cpu(plan: Plan, settings: LoadSettings, model_file: GGUFMode
     if not broken:
         return settings, None
     return replace(settings, use_extra_bufts=False), (
-        f"extra CPU buffers off: {', '.join(sorted(broken))} failed this CPU's probe (see `corral info hardware`)")
+        f"extra CPU buffers off: {', '.join(sorted(broken))} failed this CPU's probe (see `corral info --hardware`)")
 
 
 def last_log_line(lines: Sequence[str]) -> str | None:
