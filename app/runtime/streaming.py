@@ -45,9 +45,6 @@ WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is 
 # so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
 # 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time). CORRAL_STREAM_HUGEPAGE=0 leaves it out.
 HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
-# a computing unit bigger than the window keeps at most a window of itself behind the reads (see _drop_behind);
-# measured at file/limit 3: 0.81-0.82 GiB read a token against 0.84-0.85 without. CORRAL_STREAM_TRAIL=0 leaves it out.
-TRAIL = os.environ.get("CORRAL_STREAM_TRAIL", "1") != "0"
 CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
 CALIBRATION_MIN_TOKENS = 3
 
@@ -114,8 +111,6 @@ class Streamer:
         self._fds: dict[Path, int] = {}
         self._own: dict[Path, tuple[int, int]] = {}  # our mapping of each file (address, length)
         self._refresh = False
-        self._trail_unit: int | None = None
-        self._trail: list[tuple[Path, int, int]] = []  # chunks of the computing unit read so far (see _drop_behind)
         self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
         self._llama: dict[Path, Mapping] = {}
         self.locked = False
@@ -288,22 +283,8 @@ class Streamer:
                             return  # compute passed this unit already: reading it now only adds pressure
                         self._read_ahead(s.file, lo, size)
                         self._fetched[index] = at + size
-                        if index == pos and TRAIL and unit.nbytes > self.sets.window:
-                            self._drop_behind(index, s.file, lo, size)
                     at += size
             self._fetched.setdefault(index, 0)
-
-    def _drop_behind(self, index: int, file: Path, lo: int, size: int) -> None:
-        """A computing unit bigger than the window: keep at most a window of it behind the read cursor (compute
-        follows the reads closely when it waits on them), so it does not push the group into reclaim."""
-        if self._trail_unit != index:
-            self._trail_unit, self._trail = index, []
-        self._trail.append((file, lo, lo + size))
-        held = sum(hi - lo for _, lo, hi in self._trail)
-        while held > self.sets.window and len(self._trail) > 1:
-            f, a, b = self._trail.pop(0)
-            held -= b - a
-            self._evict(Unit(index, (Span(f, a, b),)))
 
     def _in_llama(self, file: Path, lo: int, hi: int) -> int | None:
         """Where llama.cpp mapped file bytes [lo, hi) (None: not mapped there)."""
