@@ -101,11 +101,6 @@ class _Clock:
         self.pieces.append(piece)
 
 
-# raw loads with llama.cpp's extra buffers off, as `llama-cli --no-repack`: on AMX hosts llama.cpp otherwise
-# copies F16 matrices into its AMX buffer, anonymous memory that cannot stream (the child is OOM-killed in the
-# group); elsewhere F16 has no extra buffer and nothing changes.
-
-
 def child(mode: str, path: Path, tokens: int, threads: int) -> dict[str, Any]:
     """Generate `tokens` greedily; per-token numbers exclude the prompt and the first token."""
     clock = _Clock()
@@ -116,7 +111,10 @@ def child(mode: str, path: Path, tokens: int, threads: int) -> dict[str, Any]:
 
         default_params = lc.llama_model_default_params
 
-        def plain_mmap_params() -> Any:  # as llama-cli --no-repack (see above)
+        # extra buffers off, as `llama-cli --no-repack`: on AMX hosts llama.cpp otherwise copies F16 matrices
+        # into its AMX buffer, anonymous memory that cannot stream (the child is OOM-killed in the group);
+        # elsewhere F16 has no extra buffer and nothing changes
+        def plain_mmap_params() -> Any:
             params = default_params()
             params.use_extra_bufts = False
             return params

@@ -227,8 +227,10 @@ class Streamer:
         as `choose` spreads them) join it."""
         self._refresh = False
         measured = measured_stream_bytes(self.units, self.reserve_left())
-        window = window_for(self.units, measured or 0)
-        if measured is None or measured + window >= self.sets.streamed_bytes:
+        if measured is None:
+            return
+        window = window_for(self.units, measured)
+        if measured + window >= self.sets.streamed_bytes:
             return
         new = choose(self.sets.streamed, measured, window)
         grown = new.resident  # whole streamed units, or the first part of one (see `choose`)
