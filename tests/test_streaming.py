@@ -216,8 +216,10 @@ def test_streaming_engine_gives_the_same_greedy_tokens(model: Path, lock_refused
         assert s.positions >= 24 * (N_LAYERS + 1)  # the eval callback saw every layer of every token
         assert s.stats.streamed_bytes == s.sets.streamed_bytes
         if THP.is_dir():  # streamed layers fault in 4 MiB at a time; the resident ones keep the default
-            assert all("hg" in _vm_flags(_address(s, u)) for u in s.sets.streamed)
+            assert all({"hg", "rr"} <= set(_vm_flags(_address(s, u))) for u in s.sets.streamed)
             assert not any("hg" in _vm_flags(_address(s, u)) for u in s.sets.resident)
+        embd = next(t for t in read_gguf(model).tensors if t.name == "token_embd.weight")
+        assert "rr" in _vm_flags(_address(s, Unit(-1, (Span(model, embd.offset, embd.offset + embd.nbytes),))))
     finally:
         engine.close()
     assert engine.streamer is None
@@ -294,25 +296,103 @@ def test_memory_view_shows_the_streamed_tier_live(monkeypatch: pytest.MonkeyPatc
     assert "read via mmap" in console.export_text()
 
 
-def test_refresh_only_grows_the_resident_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When memory is given back (a draft closed), streamed units join the resident set; none leaves it (what is
-    locked stays locked, so the new sets never ask for more memory than the old)."""
-    units = _units([100] * 12 + [60])
-    s = Streamer(units, stream_bytes=700, n_layer=12, lock=False)
+def test_refresh_grows_and_shrinks_the_resident_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More room (a draft closed): streamed units join the resident set. Less (a long batch wrote more of the
+    compute buffer than was held back): resident pieces, spread over the token, leave it: advised and dropped."""
+    mib = 1 << 20
+    units = _units([30 * mib] * 12 + [60 * mib])
+    s = Streamer(units, stream_bytes=200 * mib, n_layer=12, lock=False)
     monkeypatch.setattr(s, "_keep_hot", lambda: None)
+    left: list[int] = []
+    monkeypatch.setattr(s, "_evict", lambda u: left.append(u.nbytes))
+    monkeypatch.setattr(s, "_advise_streamed", lambda u: None)
+    total = sum(u.nbytes for u in units)
     before, streamed = {u.index for u in s.sets.resident}, s.sets.streamed_bytes
-    window = streaming.window_for(units, 300)
-    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 300)
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 100 * mib)
     s.refresh()
     s._apply_refresh()
-    after = {u.index for u in s.sets.resident}
-    assert before < after and not s._refresh
-    assert 300 + window <= s.sets.streamed_bytes < streamed
-    assert s.sets.resident_bytes + s.sets.streamed_bytes == sum(u.nbytes for u in units)
+    grown = {u.index for u in s.sets.resident}
+    assert before < grown and not s._refresh and not left
+    window = streaming.window_for(units, 100 * mib)
+    assert 100 * mib + window <= s.sets.streamed_bytes < min(streamed, 100 * mib + window + SPLIT_MIN)
+    assert s.sets.resident_bytes + s.sets.streamed_bytes == total
     assert set(s._order) == {u.index for u in s.sets.streamed}
-    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 10_000)  # less room than now: no change
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 100 * mib + SPLIT_MIN // 2)
+    s._apply_refresh()  # within SPLIT_MIN of what streams: nothing moves
+    assert {u.index for u in s.sets.resident} == grown
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda *_: 250 * mib)
     s._apply_refresh()
-    assert {u.index for u in s.sets.resident} == after
+    window = streaming.window_for(units, 250 * mib)
+    assert 250 * mib + window <= s.sets.streamed_bytes < 250 * mib + window + SPLIT_MIN
+    assert s.sets.resident_bytes + s.sets.streamed_bytes == total and sum(left) >= 150 * mib
+    assert len(s._order) == len(set(s._order))  # a split unit's pieces stream as one unit
+    resident = [u.index for u in s.sets.resident]
+    assert resident and max((b - a for a, b in zip(resident, resident[1:])), default=0) <= 4  # spread, not a block
+
+
+def test_rebalance_moves_as_little_as_it_can() -> None:
+    from corral.app.runtime.stream_units import merged, rebalance
+
+    mib = 1 << 20
+    units = _units([30 * mib] * 8 + [100 * mib])
+    sets = choose(units, 120 * mib, 40 * mib)
+    same, grown, shrunk = rebalance(sets, 120 * mib + SPLIT_MIN // 4, 40 * mib)
+    assert same is sets and grown == shrunk == ()
+    more, grown, shrunk = rebalance(sets, 200 * mib, 40 * mib)
+    assert not grown and shrunk and more.streamed_bytes >= 240 * mib
+    assert {u.index for u in more.resident} <= {u.index for u in sets.resident}  # nothing streamed became resident
+    assert more.resident_bytes + more.streamed_bytes == sum(u.nbytes for u in units)
+    f = units[0].spans[0].file
+    assert merged([Unit(2, (Span(f, 50, 80),)), Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 50),))]) == (
+        Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 80),)))
+
+
+def test_a_bigger_batch_resizes_the_sets_at_the_next_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch bigger than any before wrote more of the compute buffer: at the next token boundary the streamer
+    measures the group again (with only the reserve no batch wrote held back); otherwise it does not."""
+    units = _units([100] * 6)
+    s = Streamer(units, stream_bytes=300, n_layer=5, lock=False, reserve=5120, touched=lambda n: 10 * n)
+    monkeypatch.setattr(s, "_keep_hot", lambda: None)
+    asked: list[int] = []
+    monkeypatch.setattr(streaming, "measured_stream_bytes", lambda _units, reserve=0: asked.append(reserve))
+    s._token_boundary()
+    assert asked == []
+    s.largest_batch = 13
+    s._token_boundary()
+    s._token_boundary()
+    assert asked == [5120 - 130]
+
+
+def test_dropping_a_unit_rounds_out_to_huge_page_folios(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel skips a large folio that a drop only partly covers: drops round out to PMD-sized folios (what is
+    still mapped or locked there, a neighbour in use or a resident unit, the kernel keeps)."""
+    from corral.app.runtime.stream_units import PMD
+
+    f = Path("/m.gguf")
+    unit = Unit(0, (Span(f, PMD + 12_345, 3 * PMD + 777),))
+    s = Streamer([unit], stream_bytes=0, n_layer=1, lock=False)
+    s._fds[f] = -1
+    dropped: list[tuple[int, int]] = []
+    monkeypatch.setattr(streaming.os, "posix_fadvise", lambda _fd, lo, n, _advice: dropped.append((lo, lo + n)))
+    s._evict(unit)
+    assert dropped == [(PMD, 4 * PMD)]
+
+
+def test_a_unit_compute_passed_is_dropped_once_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed unit compute reached before the read-ahead did was faulted in by compute: it is still dropped
+    once compute has left it behind (or it would crowd the group until the kernel reclaims it)."""
+    mib = 1 << 20
+    units = _units([10 * mib] * 8)
+    s = Streamer(units, stream_bytes=0, n_layer=7, lock=False)
+    s._use(StreamSets((), tuple(units), 25 * mib))
+    monkeypatch.setattr(s, "_read_ahead", lambda *_: None)
+    dropped: list[int] = []
+    monkeypatch.setattr(s, "_evict", lambda u: dropped.append(u.index))
+    s._pos = 2  # compute is already at 2 when the prefetch thread follows 0
+    s._follow(0)
+    assert {0, 1} <= set(s._fetched)
+    s._follow(2)
+    assert dropped == [0, 1]
 
 
 def test_refresh_counts_only_the_reserve_no_batch_wrote() -> None:

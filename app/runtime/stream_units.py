@@ -16,6 +16,19 @@ from corral.convert.gguf_file import GGUFTensor
 from corral.offload.memory import STREAM_WINDOW_SHARE, stream_window
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _pmd_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 2 * 1024 * 1024
+
+
+# The page cache holds a file read through a MADV_HUGEPAGE mapping in folios of this size; dropping a range that
+# cuts one drops none of it (the kernel skips a folio partly outside the range), so drops round out to it.
+PMD = _pmd_size()
 _LAYER = re.compile(r"blk\.(\d+)\.")
 SPLIT_MIN = 4 * 1024 * 1024  # streaming this much more than needed is worth splitting a unit for
 # the read-ahead room's cap, 1/share of what is missing (offload/memory.stream_window); 0: no cap (an ablation)
@@ -58,6 +71,11 @@ class StreamSets:
     @property
     def streamed_bytes(self) -> int:
         return sum(u.nbytes for u in self.streamed)
+
+
+def row_spans(tensors: Sequence[GGUFTensor]) -> list[Span]:
+    """What a token reads one row of: the token embedding."""
+    return [Span(Path(t.file), t.offset, t.offset + t.nbytes) for t in tensors if t.name.startswith("token_embd")]
 
 
 def units_of(tensors: Sequence[GGUFTensor], n_layer: int) -> list[Unit]:
@@ -116,6 +134,41 @@ def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
     return StreamSets(tuple(resident), tuple(streaming), window)
 
 
+def rebalance(sets: StreamSets, stream_bytes: int, window: int) -> tuple[StreamSets, tuple[Unit, ...],
+                                                                          tuple[Unit, ...]]:
+    """New sets that stream `stream_bytes` + `window` (to within SPLIT_MIN), changed as little as possible: the
+    sets, the pieces that joined the resident set and the pieces that left it. More room (a draft closed): some
+    streamed units, spread over the token, stay resident; less (a long batch wrote more of the compute buffer):
+    some resident ones, spread likewise, stream."""
+    want = stream_bytes + window
+    have = sets.streamed_bytes
+    if abs(want - have) < SPLIT_MIN:
+        return sets, (), ()
+    if want < have:
+        new = choose(sets.streamed, stream_bytes, window)
+        return StreamSets(merged((*sets.resident, *new.resident)), new.streamed, window), new.resident, ()
+    moved = choose(sets.resident, want - have, 0)
+    return (StreamSets(moved.resident, merged((*sets.streamed, *moved.streamed)), window), (),
+            moved.streamed)
+
+
+def merged(units: Sequence[Unit]) -> tuple[Unit, ...]:
+    """Units with the same index (pieces of a split unit) joined, in index order, touching spans merged."""
+    spans: dict[int, list[Span]] = {}
+    for u in units:
+        spans.setdefault(u.index, []).extend(u.spans)
+    out = []
+    for index in sorted(spans):
+        joined: list[Span] = []
+        for sp in sorted(spans[index], key=lambda sp: (str(sp.file), sp.start)):
+            if joined and joined[-1].file == sp.file and sp.start <= joined[-1].end:
+                joined[-1] = Span(sp.file, joined[-1].start, max(joined[-1].end, sp.end))
+            else:
+                joined.append(sp)
+        out.append(Unit(index, tuple(joined)))
+    return tuple(out)
+
+
 def split(unit: Unit, nbytes: int) -> tuple[Unit, Unit]:
     """The unit's first ~`nbytes` (cut at a page boundary of the file) and the rest, both with its index."""
     head: list[Span] = []
@@ -141,8 +194,8 @@ def round_in(start: int, end: int) -> tuple[int, int]:
     return -(-start // PAGE) * PAGE, end // PAGE * PAGE
 
 
-def round_out(start: int, end: int) -> tuple[int, int]:
-    return start // PAGE * PAGE, -(-end // PAGE) * PAGE
+def round_out(start: int, end: int, to: int = PAGE) -> tuple[int, int]:
+    return start // to * to, -(-end // to) * to
 
 
 def window_for(units: Sequence[Unit], missing: int) -> int:
@@ -186,5 +239,6 @@ def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path,
     return best
 
 
-__all__ = ["PAGE", "SPLIT_MIN", "Mapping", "Span", "StreamSets", "Unit", "choose", "llama_mappings", "round_in", "round_out", "split", "units_of",
+__all__ = ["PAGE", "PMD", "SPLIT_MIN", "Mapping", "Span", "StreamSets", "Unit", "choose", "llama_mappings", "merged",
+           "rebalance", "round_in", "round_out", "row_spans", "split", "units_of",
            "window_for"]

@@ -21,51 +21,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.app.runtime.page_cache import (
+    HUGEPAGE,
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_READ,
+    MADV_RANDOM,
+    MAP_SHARED,
+    POPULATE,
+    PROT_READ,
+    RANDOM,
+)
+from corral.app.runtime.page_cache import libc as _libc
+from corral.app.runtime.page_cache import malloc_trim as _malloc_trim
+from corral.app.runtime.page_cache import read_bytes as _read_bytes
 from corral.app.runtime.stream_units import (
+    PMD,
     Mapping,
     Span,
     StreamSets,
     Unit,
     choose,
     llama_mappings,
+    rebalance,
     round_in,
     round_out,
+    row_spans,
     units_of,
     window_for,
 )
 
-MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_READ = 4, 14, 22
-# read ahead by populating llama.cpp's own mapping: its reads take the mapping's 4 MiB read-around (see HUGEPAGE),
-# where WILLNEED on a file descriptor reads through the file's 128 KiB read-ahead; CORRAL_STREAM_POPULATE=0: WILLNEED
-POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
-PROT_READ, MAP_SHARED = 1, 1
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
-# Streamed layers are advised MADV_HUGEPAGE in llama.cpp's mapping: a page fault there, or a populate, then reads
-# 4 MiB around it (PMD-sized read-around) instead of 128 KiB. Disks serve a bounded number of requests per second,
-# so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
-# 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time). CORRAL_STREAM_HUGEPAGE=0 leaves it out.
-HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
 CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
 CALIBRATION_MIN_TOKENS = 3
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
-
-
-def _read_bytes() -> int:
-    try:
-        with open("/proc/self/io") as fh:
-            for line in fh:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass(frozen=True)
@@ -91,13 +79,15 @@ class Streamer:
     """Owns the resident lock, the prefetch thread and the eval callback for one loaded model."""
 
     def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True,
-                 reserve: int = 0, touched: Callable[[int], int] | None = None) -> None:
+                 reserve: int = 0, touched: Callable[[int], int] | None = None, rows: Sequence[Span] = ()) -> None:
         """`reserve`: memory the process will still write after loading (the compute buffer generation touches);
-        `touched(n)`: what a batch of n tokens writes of it, so a refresh counts only what no batch wrote yet."""
+        `touched(n)`: what a batch of n tokens writes of it, so a refresh counts only what no batch wrote yet;
+        `rows`: what a token reads a row of (the token embedding)."""
         from llama_cpp import llama_cpp as lc
 
         self.units, self.n_layer, self._want_lock, self.reserve = tuple(units), n_layer, lock, reserve
-        self._touched, self.largest_batch = touched, 0
+        self._touched, self.largest_batch, self._rows = touched, 0, tuple(rows)
+        self._sized_batch = 0  # the largest batch when the sets were last sized (a bigger one wrote more memory)
         self._choose(stream_bytes)
         self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
         self._markers[b"result_norm"] = n_layer
@@ -143,13 +133,23 @@ class Streamer:
         self.locked = self._lock_resident() if self._want_lock else False
         if not self.locked:
             self._keep_hot()
+        for sp in self._rows if RANDOM else ():  # a fault there would read the file's read-around (8 MiB) for a row
+            lo, hi = round_in(sp.start, sp.end)
+            addr = self._in_llama(sp.file, lo, hi)
+            if addr is not None:
+                _libc.madvise(addr, hi - lo, MADV_RANDOM)
         for u in self.sets.streamed:  # what llama.cpp's load left in the cache is not ours to keep
             self._evict(u)
-            if HUGEPAGE:
-                self._advise(u, MADV_HUGEPAGE)  # faults and populates read 4 MiB at a time (see HUGEPAGE)
+            self._advise_streamed(u)
         self._thread = threading.Thread(target=self._run, name="corral-prefetch", daemon=True)
         self._thread.start()
         _active.append(self)
+
+    def _advise_streamed(self, unit: Unit) -> None:
+        if HUGEPAGE:
+            self._advise(unit, MADV_HUGEPAGE)  # faults and populates read 2-4 MiB at a time (see HUGEPAGE)
+        if RANDOM:
+            self._advise(unit, MADV_RANDOM)  # and nothing past the unit's end (see RANDOM)
 
     def _lock_resident(self) -> bool:
         for f, fd in self._fds.items():
@@ -223,27 +223,32 @@ class Streamer:
         return max(0, self.reserve - self._touched(self.largest_batch))
 
     def _apply_refresh(self) -> None:
-        """Only grows the resident set: what is locked stays locked, some streamed units (spread over the token,
-        as `choose` spreads them) join it."""
+        """Re-size the resident set to what the group leaves now: units (spread over the token, as `choose`
+        spreads them) join it when there is more room, and leave it (unlocked, dropped, streamed) when a batch
+        wrote more of the compute buffer than the streamer held back for it."""
         self._refresh = False
+        self._sized_batch = self.largest_batch
         measured = measured_stream_bytes(self.units, self.reserve_left())
         if measured is None:
             return
-        window = window_for(self.units, measured)
-        if measured + window >= self.sets.streamed_bytes:
-            return
-        new = choose(self.sets.streamed, measured, window)
-        grown = new.resident  # whole streamed units, or the first part of one (see `choose`)
-        resident = sorted((*self.sets.resident, *grown), key=lambda u: u.index)
-        self._use(StreamSets(tuple(resident), new.streamed, window))
+        new, grown, shrunk = rebalance(self.sets, measured, window_for(self.units, measured))
+        self._use(new)
         for u in grown:  # unlocked, they are kept hot at each token boundary like the rest of the resident set
             self._fetched.pop(u.index, None)
             for sp in u.spans if self.locked else ():
                 lo, hi = round_out(sp.start, sp.end)
                 _libc.mlock(self._own[sp.file][0] + lo, hi - lo)  # refused: it stays hot as long as it is used
+        for u in shrunk:
+            self._fetched.pop(u.index, None)  # read again from the start of the (merged) unit: cached pages cost nothing
+            for sp in u.spans if self.locked else ():
+                lo, hi = round_in(sp.start, sp.end)  # whole pages: a neighbour's stay locked
+                if hi > lo:
+                    _libc.munlock(self._own[sp.file][0] + lo, hi - lo)
+            self._advise_streamed(u)
+            self._evict(u)
 
     def _token_boundary(self) -> None:
-        if self._refresh:
+        if self._refresh or self.largest_batch != self._sized_batch:
             self._apply_refresh()
         now = (time.perf_counter(), _read_bytes())
         if self._last is not None:
@@ -273,6 +278,8 @@ class Streamer:
         for index in sorted(set(self._fetched) - keep):
             self._evict(self._by_index[index])
             del self._fetched[index]
+        for index in keep:  # dropped once left behind, read ahead or not: compute faults in what was not
+            self._fetched.setdefault(index, 0)
         for index, room in ahead:
             unit = self._by_index[index]
             done, want = self._fetched.get(index, 0), min(unit.nbytes, room)
@@ -286,7 +293,6 @@ class Streamer:
                         self._read_ahead(s.file, lo, size)
                         self._fetched[index] = at + size
                     at += size
-            self._fetched.setdefault(index, 0)
 
     def _in_llama(self, file: Path, lo: int, hi: int) -> int | None:
         """Where llama.cpp mapped file bytes [lo, hi) (None: not mapped there)."""
@@ -308,13 +314,16 @@ class Streamer:
                 _libc.madvise(addr, hi - lo, advice)
 
     def _evict(self, unit: Unit) -> None:
+        """Unmap the unit from llama.cpp's mapping and drop it from the page cache, to the huge-page folios at its
+        edges: the kernel keeps a folio that is still mapped or locked (a neighbour in use, a resident one), and
+        drops the rest of one that straddles a unit used before (measured at file/limit 3: 0.82-0.83 GiB read per
+        token, against 0.85 with edges rounded in, which left ~2 MiB of every streamed unit cached)."""
         for s in unit.spans:
-            lo, hi = round_in(s.start, s.end)
-            if hi <= lo:
-                continue
+            lo, hi = round_out(s.start, s.end)
             addr = self._in_llama(s.file, lo, hi)
             if addr is not None:
                 _libc.madvise(addr, hi - lo, MADV_DONTNEED)
+            lo, hi = round_out(s.start, s.end, PMD)
             os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
@@ -334,9 +343,9 @@ class Streamer:
 
     def _calibrate(self) -> None:
         """Leave the median measured read speed for later plans of models on this filesystem (only from the
-        default way of reading: a run with the populate or the huge-page advice turned off measured another)."""
+        default way of reading: a run with the populate or the huge-page or random advice off measured another)."""
         speeds, self._speeds = sorted(self._speeds), []
-        if len(speeds) >= CALIBRATION_MIN_TOKENS and POPULATE and HUGEPAGE:
+        if len(speeds) >= CALIBRATION_MIN_TOKENS and POPULATE and RANDOM:
             from corral.offload.bandwidth import record_stream_bandwidth
 
             record_stream_bandwidth(self.units[0].spans[0].file, speeds[len(speeds) // 2])
@@ -364,19 +373,20 @@ def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
     def touched(n_tokens: int) -> int:
         return touched_compute_bytes(profile, n_ctx, min(n_tokens, settings.n_ubatch), settings.flash_attn)
 
-    return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=touched(settings.n_ubatch), touched=touched)
+    return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=touched(settings.n_ubatch), touched=touched,
+                    rows=row_spans(model_file.tensors))
 
 
 def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None:
     """Inside a memory cgroup, what cannot stay resident given the group's anonymous memory now (after the
-    model and context are allocated) and the `reserve` still to be written. None: no cgroup."""
+    model and context are allocated) and the `reserve` a batch may still write. None: no cgroup."""
     from corral.offload.memlimit import cgroup_memory_limit
-    from corral.offload.memory import stream_margin
+    from corral.offload.memory import stream_holdback
 
     limit = cgroup_memory_limit()
     if limit is None:
         return None
-    room = limit.limit - limit.anon - reserve - stream_margin(limit.limit)  # `choose` adds the read-ahead's room
+    room = limit.limit - limit.anon - stream_holdback(limit.limit, reserve)  # `choose` adds the read-ahead's room
     return max(0, sum(u.nbytes for u in units) - max(0, room))
 
 
