@@ -345,7 +345,7 @@ class Streamer:
         """Leave the median measured read speed for later plans of models on this filesystem (only from the
         default way of reading: a run with the populate or the huge-page or random advice off measured another)."""
         speeds, self._speeds = sorted(self._speeds), []
-        if len(speeds) >= CALIBRATION_MIN_TOKENS and POPULATE and RANDOM:
+        if len(speeds) >= CALIBRATION_MIN_TOKENS and POPULATE and HUGEPAGE and RANDOM:
             from corral.offload.bandwidth import record_stream_bandwidth
 
             record_stream_bandwidth(self.units[0].spans[0].file, speeds[len(speeds) // 2])
