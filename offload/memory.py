@@ -137,20 +137,21 @@ def touched_compute_bytes(profile: ModelProfile, n_ctx: int, n_ubatch: int, flas
 VOCAB_HEAP_PER_TOKEN = 480  # llama.cpp's vocabulary on the heap: ~60 MiB for Llama 3's 128,256 tokens (measured)
 
 
-def stream_margin(limit: int) -> int:
-    """Memory a streaming engine leaves unused in a memory cgroup of `limit` bytes: fault read-ahead at the edges
-    of streamed units, small heap growth. Measured at file/limit 1.3-3 (0.4-0.9 GiB groups): with 32 MiB, what
-    is read per token is within 2-10% of what streams (the 4 MiB read-around at the edges, BENCHMARKS.md)."""
-    return max(32 * MiB, limit // 32)
+# Memory a streaming engine leaves unused in a memory cgroup besides its read-ahead window: the 2 MiB folios at
+# the edges of streamed units, small heap growth (the engine measures the group again every few seconds and
+# frees resident units when its anonymous memory grew). A fixed size: measured with 32 MiB against limit/32 in a
+# 5.2 GiB group (a 6.7 GiB F16 model at file/limit 1.3), what was read per token stayed what streamed (1.226
+# against 1.300 GiB, 1.08-1.29 against 1.05-1.27 tok/s); in 0.4-0.9 GiB groups 8 and 16 MiB read more.
+STREAM_MARGIN = 32 * MiB
 
 
-def stream_holdback(limit: int, unwritten: int) -> int:
-    """Memory a streaming engine leaves out of its resident set in a memory cgroup of `limit` bytes, when the
-    compute buffer still has `unwritten` bytes a batch may write: the margin and that reserve share the room (until
-    a batch writes it, the reserve is free room the streaming uses; once written, the engine measures again and
-    frees resident units). Measured at file/limit 1.3 and 3: 0.200 and 0.757 GiB read per token against 0.220
-    and 0.80 with the two added (BENCHMARKS.md)."""
-    return max(stream_margin(limit), unwritten)
+def stream_holdback(unwritten: int) -> int:
+    """Memory a streaming engine leaves out of its resident set in a memory cgroup when the compute buffer still
+    has `unwritten` bytes a batch may write: the margin and that reserve share the room (until a batch writes it,
+    the reserve is free room the streaming uses; once written, the engine measures again and frees resident
+    units). Measured at file/limit 1.3 and 3: 0.200 and 0.757 GiB read per token against 0.220 and 0.80 with the
+    two added (BENCHMARKS.md)."""
+    return max(STREAM_MARGIN, unwritten)
 
 
 STREAM_WINDOW_MIN = 64 * MiB  # read-ahead room of a small model (at most an eighth of it)
@@ -171,13 +172,13 @@ def stream_window(unit: int, total: int, missing: int, share: int = STREAM_WINDO
     return max(unit, min(full, missing // share)) if share else full
 
 
-def cgroup_streamed_bytes(profile: ModelProfile, per_token_mapped: int, available: int, limit: int, written: int,
-                          n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
+def cgroup_streamed_bytes(profile: ModelProfile, per_token_mapped: int, available: int, written: int, n_ctx: int,
+                          n_ubatch: int, flash_attn: bool) -> int:
     """What the streaming engine reads per token inside a memory cgroup: it measures what loading wrote (not
     llama.cpp's reservations), keeps what fits beside it resident and streams the rest plus its read-ahead room.
     `available`: the group's room before loading; `written`: KV cache, extra buffers and output buffer."""
     written += profile.n_vocab * VOCAB_HEAP_PER_TOKEN
-    held = stream_holdback(limit, touched_compute_bytes(profile, n_ctx, n_ubatch, flash_attn))
+    held = stream_holdback(touched_compute_bytes(profile, n_ctx, n_ubatch, flash_attn))
     missing = per_token_mapped - max(0, available - written - held)
     if missing <= 0:
         return 0

@@ -303,8 +303,8 @@ def _account(profile: ModelProfile, hw: Hardware, s: Settings, c: Costs, k: int,
     embd_cpu = c.embd if any(t.kind == "embd" for t in cpu_tensors) else 0
     streamed = max(0, mapped - embd_cpu - max(0, room))  # a token reads one row of the embedding: it may page
     if streamed and hw.ram_limit.startswith("cgroup") and (cpu_layers or not output_on_gpu):
-        streamed = memory.cgroup_streamed_bytes(profile, mapped - embd_cpu, hw.ram_available, hw.ram_total,
-                                                extra + cpu_kv + out_buf, s.n_ctx, s.n_ubatch, s.flash_attn)
+        streamed = memory.cgroup_streamed_bytes(profile, mapped - embd_cpu, hw.ram_available, extra + cpu_kv + out_buf,
+                                                s.n_ctx, s.n_ubatch, s.flash_attn)
     devices.append(DevicePlan("CPU", "cpu", hw.cpu_name, resident + extra, cpu_kv, cpu_comp, cpu_over,
                               hw.ram_available, hw.ram_bandwidth, cpu_layers, 0, bufs["CPU_REPACK"], out_buf,
                               bufs["CPU_Mapped"], bufs["AMX"]))

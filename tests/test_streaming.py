@@ -349,7 +349,7 @@ def test_rebalance_moves_as_little_as_it_can() -> None:
 
 def test_a_bigger_batch_resizes_the_sets_at_the_next_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch bigger than any before wrote more of the compute buffer: at the next token boundary the streamer
-    measures the group again (with only the reserve no batch wrote held back); otherwise it does not."""
+    measures the group again (with only the reserve no batch wrote held back); otherwise only every few seconds."""
     units = _units([100] * 6)
     s = Streamer(units, stream_bytes=300, n_layer=5, lock=False, reserve=5120, touched=lambda n: 10 * n)
     monkeypatch.setattr(s, "_keep_hot", lambda: None)
@@ -361,6 +361,9 @@ def test_a_bigger_batch_resizes_the_sets_at_the_next_token(monkeypatch: pytest.M
     s._token_boundary()
     s._token_boundary()
     assert asked == [5120 - 130]
+    s._sized_at -= streaming.REMEASURE_S + 1  # and every few seconds anyway: the heap may have grown
+    s._token_boundary()
+    assert asked == [5120 - 130] * 2
 
 
 def test_dropping_a_unit_rounds_out_to_huge_page_folios(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,6 +54,9 @@ from corral.app.runtime.stream_units import (
 WILLNEED_CHUNK = 8 * 1024 * 1024  # readahead issued in pieces so the window is honoured closely
 CALIBRATION_MIN_READ = 16 * 1024 * 1024  # a token that read less says little about the disk
 CALIBRATION_MIN_TOKENS = 3
+# the group is measured again this often: its anonymous memory may grow (the heap, a long chat), and locked
+# resident weights cannot give way to it
+REMEASURE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Streamer:
         self.units, self.n_layer, self._want_lock, self.reserve = tuple(units), n_layer, lock, reserve
         self._touched, self.largest_batch, self._rows = touched, 0, tuple(rows)
         self._sized_batch = 0  # the largest batch when the sets were last sized (a bigger one wrote more memory)
+        self._sized_at = time.monotonic()
         self._choose(stream_bytes)
         self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
         self._markers[b"result_norm"] = n_layer
@@ -227,7 +231,7 @@ class Streamer:
         spreads them) join it when there is more room, and leave it (unlocked, dropped, streamed) when a batch
         wrote more of the compute buffer than the streamer held back for it."""
         self._refresh = False
-        self._sized_batch = self.largest_batch
+        self._sized_batch, self._sized_at = self.largest_batch, time.monotonic()
         measured = measured_stream_bytes(self.units, self.reserve_left())
         if measured is None:
             return
@@ -248,7 +252,8 @@ class Streamer:
             self._evict(u)
 
     def _token_boundary(self) -> None:
-        if self._refresh or self.largest_batch != self._sized_batch:
+        if (self._refresh or self.largest_batch != self._sized_batch
+                or time.monotonic() - self._sized_at > REMEASURE_S):
             self._apply_refresh()
         now = (time.perf_counter(), _read_bytes())
         if self._last is not None:
@@ -386,7 +391,7 @@ def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None
     limit = cgroup_memory_limit()
     if limit is None:
         return None
-    room = limit.limit - limit.anon - stream_holdback(limit.limit, reserve)  # `choose` adds the read-ahead's room
+    room = limit.limit - limit.anon - stream_holdback(reserve)  # `choose` adds the read-ahead's room
     return max(0, sum(u.nbytes for u in units) - max(0, room))
 
 
