@@ -6,8 +6,11 @@ own read-only mapping of the file: the same page-cache pages llama.cpp maps), or
 kept hot with `WILLNEED` once per token. The streamed layers are read ahead in the order the graph consumes
 them by a prefetch thread that llama.cpp's eval callback keeps informed (the callback asks for one node per
 layer, `attn_norm-<i>`, and `result_norm` for the output head), and each is dropped from the page cache once
-used, so streaming never pushes the resident set out. Streamed layers are advised MADV_HUGEPAGE in llama.cpp's
-mapping, so every read there (the prefetch thread's populates and compute's own faults) asks the disk for 4 MiB.
+used (out to the huge-page folios at its edges), so streaming never pushes the resident set out. Streamed layers
+are advised MADV_HUGEPAGE and MADV_RANDOM in llama.cpp's mapping, so every read there (the prefetch thread's
+populates and compute's own faults) asks the disk for the 2 MiB folio around it and nothing past the layer's end.
+Inside a memory cgroup the sets follow the group: measured after loading, again when a batch wrote more of the
+compute buffer, a draft gave memory back, or every few seconds.
 """
 
 from __future__ import annotations
