@@ -12,10 +12,11 @@ import pytest
 from corral.app.runtime import streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
-from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, StreamSets, split
-from corral.app.runtime.streaming import Span, Streamer, Unit, choose, llama_mappings, units_of
+from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, StreamSets
+from corral.app.runtime.streaming import Span, Streamer, Unit, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
+from tests.helpers.stream import units_of_sizes as _units
 
 N_LAYERS = 6
 
@@ -37,14 +38,6 @@ class _RefusingLibc:
         return getattr(self._libc, name)
 
 
-def _units(sizes: list[int]) -> list[Unit]:
-    f, at, out = Path("/m.gguf"), 0, []
-    for i, n in enumerate(sizes):
-        out.append(Unit(i, (Span(f, at, at + n),)))
-        at += n
-    return out
-
-
 def test_units_follow_the_graph_and_skip_the_embedding(model: Path) -> None:
     mf = read_gguf(model)
     units = units_of(mf.tensors, N_LAYERS)
@@ -54,31 +47,6 @@ def test_units_follow_the_graph_and_skip_the_embedding(model: Path) -> None:
     assert all(len(u.spans) == 1 for u in units[:-1])  # a layer's tensors are adjacent in the file
     out = next(t for t in mf.tensors if t.name == "output.weight")
     assert any(s.start <= out.offset and out.offset + out.nbytes <= s.end for s in units[-1].spans)
-
-
-def test_choose_streams_enough_spread_over_the_token() -> None:
-    units = _units([100] * 10 + [50])
-    sets = choose(units, stream_bytes=380, window=100)
-    assert sets.streamed_bytes >= 480 and sets.resident_bytes + sets.streamed_bytes == 1050
-    got = [u.index for u in sets.streamed]
-    assert got != list(range(len(got)))  # not one block: resident layers sit between streamed ones
-    assert max(b - a for a, b in zip(got, got[1:])) <= 2
-    assert choose(units, 0, 0).streamed == () and len(choose(units, 10_000, 0).resident) == 0
-
-
-def test_choose_splits_the_biggest_streamed_unit() -> None:
-    """Whole units overshoot by up to a unit (a Llama 3 head is ~8 layers): the biggest streamed unit is split,
-    its first part resident, so what streams is what was asked for to within SPLIT_MIN."""
-    mib = 1 << 20
-    units = _units([30 * mib] * 8 + [250 * mib])
-    want = 300 * mib
-    sets = choose(units, stream_bytes=want - 64 * mib, window=64 * mib)
-    assert want <= sets.streamed_bytes < want + SPLIT_MIN
-    assert sets.resident_bytes + sets.streamed_bytes == sum(u.nbytes for u in units)
-    head_r = [u for u in sets.resident if u.index == 8]
-    head_s = [u for u in sets.streamed if u.index == 8]
-    assert len(head_r) == len(head_s) == 1  # the head: first part resident, the rest streams
-    assert head_r[0].spans[-1].end == head_s[0].spans[0].start and head_s[0].spans[0].start % PAGE == 0
 
 
 def test_read_ahead_reads_the_computing_unit_whole_and_the_next_within_the_window(
@@ -110,49 +78,6 @@ def test_read_ahead_reads_the_computing_unit_whole_and_the_next_within_the_windo
     assert read_of(units[5]) == 10 * mib - streaming.WILLNEED_CHUNK
     assert read_of(units[6]) == 2 * streaming.WILLNEED_CHUNK  # 15 MiB of window left, in 8 MiB pieces
     assert dropped == [6, 1, 3]
-
-
-def test_window_is_a_share_of_what_is_missing_but_holds_a_unit() -> None:
-    """The read-ahead room is read again every token: two units or 64 MiB when much is missing, less when little
-    is (never less than the unit computing), none when nothing is."""
-    from corral.offload.memory import STREAM_WINDOW_MIN, STREAM_WINDOW_SHARE, stream_window
-
-    mib = 1024 * 1024
-    unit, total = 29 * mib, 25 * 29 * mib
-    assert stream_window(unit, total, 0) == 0
-    assert stream_window(unit, total, total) == STREAM_WINDOW_MIN  # a small model: at least 64 MiB
-    assert stream_window(unit, total, 200 * mib) == max(unit, 200 * mib // STREAM_WINDOW_SHARE)
-    assert stream_window(unit, total, 10 * mib) == unit
-    big = 1200 * mib  # a 405B layer in Q2_K: two of them
-    assert stream_window(big, 127 * big, 30 * 1024 * mib) == 2 * big
-
-
-def test_split_cuts_at_a_page_across_spans() -> None:
-    f = Path("m.gguf")
-    unit = Unit(3, (Span(f, 100, 5000), Span(f, 9000, 30000)))
-    head, tail = split(unit, 10_000)
-    assert head.index == tail.index == 3
-    assert head.spans == (Span(f, 100, 5000), Span(f, 9000, 12288))  # 4900 + 5100 bytes: cut at page 3
-    assert tail.spans == (Span(f, 12288, 30000),)
-    head, tail = split(unit, 10)  # less than to the first page boundary: nothing stays
-    assert head.spans == () and tail.spans == unit.spans
-
-
-def test_llama_mapping_is_the_largest_shared_one(tmp_path: Path) -> None:
-    f = tmp_path / "m.gguf"
-    f.write_bytes(b"x" * 10)
-    ino = f.stat().st_ino
-    maps = (f"7f0000000000-7f0000001000 r--s 00000000 fd:01 {ino}   {f}\n"
-            f"7f1000000000-7f1000400000 r--s 00000000 fd:01 {ino}   {f}\n"
-            f"7f4000000000-7f4000900000 r--p 00000000 fd:01 {ino}   {f}\n"  # private: not llama.cpp's weights
-            "7f3000000000-7f3000800000 r-xp 00000000 fd:01 999999 /usr/lib/libc.so\n")
-    m = llama_mappings([f], maps)[f]
-    assert (m.addr, m.offset, m.length) == (0x7F1000000000, 0, 0x400000)
-    # llama.cpp maps from the page of the first tensor: a big vocabulary's header is left out
-    maps += f"7f2000000000-7f2000800000 r--s 00778000 fd:01 {ino}   {f}\n"
-    m = llama_mappings([f], maps)[f]
-    assert m.at(0x778000, 0x779000) == 0x7F2000000000 and m.at(0x800000, 0x801000) == 0x7F2000088000
-    assert m.at(0x777000, 0x779000) is None and m.at(0x778000, 0x778000 + 0x800001) is None
 
 
 def test_streamer_finds_llamas_mapping_past_a_big_header(tmp_path: Path) -> None:
@@ -328,23 +253,6 @@ def test_refresh_grows_and_shrinks_the_resident_set(monkeypatch: pytest.MonkeyPa
     assert len(s._order) == len(set(s._order))  # a split unit's pieces stream as one unit
     resident = [u.index for u in s.sets.resident]
     assert resident and max((b - a for a, b in zip(resident, resident[1:])), default=0) <= 4  # spread, not a block
-
-
-def test_rebalance_moves_as_little_as_it_can() -> None:
-    from corral.app.runtime.stream_units import merged, rebalance
-
-    mib = 1 << 20
-    units = _units([30 * mib] * 8 + [100 * mib])
-    sets = choose(units, 120 * mib, 40 * mib)
-    same, grown, shrunk = rebalance(sets, 120 * mib + SPLIT_MIN // 4, 40 * mib)
-    assert same is sets and grown == shrunk == ()
-    more, grown, shrunk = rebalance(sets, 200 * mib, 40 * mib)
-    assert not grown and shrunk and more.streamed_bytes >= 240 * mib
-    assert {u.index for u in more.resident} <= {u.index for u in sets.resident}  # nothing streamed became resident
-    assert more.resident_bytes + more.streamed_bytes == sum(u.nbytes for u in units)
-    f = units[0].spans[0].file
-    assert merged([Unit(2, (Span(f, 50, 80),)), Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 50),))]) == (
-        Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 80),)))
 
 
 def test_a_bigger_batch_resizes_the_sets_at_the_next_token(monkeypatch: pytest.MonkeyPatch) -> None:
