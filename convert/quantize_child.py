@@ -38,7 +38,7 @@ def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: in
     """Run llama_model_quantize in a child process; return its log lines. Ctrl-C stops it."""
     cmd = [sys.executable, "-m", "corral.convert.quantize_child", json.dumps(job)]
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start(cmd)
     try:
         assert proc.stderr is not None
         for raw in proc.stderr:
@@ -67,6 +67,25 @@ def run_child(job: dict[str, Any], progress: ProgressFn = no_progress, total: in
             raise InsufficientDisk("disk full while writing the output", path=job.get("target") or job.get("out"))
         raise EngineError(f"llama.cpp could not quantize: {reason}")
     return lines
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start the child. A Ctrl-C that lands inside Popen, after the child started but before Popen returned,
+    leaves a child nobody holds: it would write the output's temporary file again after the parent removed it.
+    Such a child is stopped here before the interrupt goes on."""
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except BaseException:
+        import psutil
+
+        for child in psutil.Process().children():
+            try:
+                if cmd[-1] in child.cmdline():
+                    child.kill()
+                    child.wait(timeout=10)
+            except (psutil.Error, OSError):
+                pass
+        raise
 
 
 def signal_name(returncode: int) -> str:

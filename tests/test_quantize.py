@@ -233,6 +233,28 @@ def test_ctrl_c_on_the_cli_exits_130_and_cleans_up(tmp_path: Path) -> None:
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_a_ctrl_c_inside_popen_stops_the_child_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C after the quantizer child started but before Popen returned leaves no handle to stop it: it is
+    found and stopped before the interrupt goes on (or it would write the output's temporary file again)."""
+    import psutil
+
+    from corral.convert import quantize_child
+
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def interrupted(cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        started.append(real([sys.executable, "-c", "import time; time.sleep(60)", cmd[-1]]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize_child.subprocess, "Popen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_child.run_child({"src": "x", "out": "y"})
+    (child,) = started
+    assert child.poll() is not None  # stopped and reaped
+    assert child.pid not in [c.pid for c in psutil.Process().children()]
+
+
 def test_write_failure_is_reported_as_disk_full_only_when_the_disk_is_full(tmp_path: Path) -> None:
     from corral.convert.quantize_child import _disk_filled
 
