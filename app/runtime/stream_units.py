@@ -88,16 +88,18 @@ def units_of(tensors: Sequence[GGUFTensor], n_layer: int) -> list[Unit]:
         m = _LAYER.match(t.name)
         index = int(m.group(1)) if m else n_layer
         spans.setdefault(index, []).append(Span(Path(t.file), t.offset, t.offset + t.nbytes))
-    units = []
-    for index in sorted(spans):
-        merged: list[Span] = []
-        for s in sorted(spans[index], key=lambda s: (str(s.file), s.start)):
-            if merged and merged[-1].file == s.file and s.start - merged[-1].end < PAGE:
-                merged[-1] = Span(s.file, merged[-1].start, max(merged[-1].end, s.end))
-            else:
-                merged.append(s)
-        units.append(Unit(index, tuple(merged)))
-    return units
+    return [Unit(index, _joined(spans[index], gap=PAGE)) for index in sorted(spans)]
+
+
+def _joined(spans: Sequence[Span], gap: int = 0) -> tuple[Span, ...]:
+    """Spans in file order, those less than `gap` bytes apart (0: overlapping or touching) joined into one."""
+    out: list[Span] = []
+    for sp in sorted(spans, key=lambda sp: (str(sp.file), sp.start)):
+        if out and out[-1].file == sp.file and sp.start - out[-1].end < max(gap, 1):
+            out[-1] = Span(sp.file, out[-1].start, max(out[-1].end, sp.end))
+        else:
+            out.append(sp)
+    return tuple(out)
 
 
 def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
@@ -157,16 +159,7 @@ def merged(units: Sequence[Unit]) -> tuple[Unit, ...]:
     spans: dict[int, list[Span]] = {}
     for u in units:
         spans.setdefault(u.index, []).extend(u.spans)
-    out = []
-    for index in sorted(spans):
-        joined: list[Span] = []
-        for sp in sorted(spans[index], key=lambda sp: (str(sp.file), sp.start)):
-            if joined and joined[-1].file == sp.file and sp.start <= joined[-1].end:
-                joined[-1] = Span(sp.file, joined[-1].start, max(joined[-1].end, sp.end))
-            else:
-                joined.append(sp)
-        out.append(Unit(index, tuple(joined)))
-    return tuple(out)
+    return tuple(Unit(index, _joined(spans[index])) for index in sorted(spans))
 
 
 def split(unit: Unit, nbytes: int) -> tuple[Unit, Unit]:

@@ -140,11 +140,8 @@ class Streamer:
         self.locked = self._lock_resident() if self._want_lock else False
         if not self.locked:
             self._keep_hot()
-        for sp in self._rows if RANDOM else ():  # a fault there would read the file's read-around (8 MiB) for a row
-            lo, hi = round_in(sp.start, sp.end)
-            addr = self._in_llama(sp.file, lo, hi)
-            if addr is not None:
-                _libc.madvise(addr, hi - lo, MADV_RANDOM)
+        if RANDOM:  # a fault there would read the file's read-around (8 MiB) for a row
+            self._advise(self._rows, MADV_RANDOM)
         for u in self.sets.streamed:  # what llama.cpp's load left in the cache is not ours to keep
             self._evict(u)
             self._advise_streamed(u)
@@ -154,9 +151,9 @@ class Streamer:
 
     def _advise_streamed(self, unit: Unit) -> None:
         if HUGEPAGE:
-            self._advise(unit, MADV_HUGEPAGE)  # faults and populates read 2-4 MiB at a time (see HUGEPAGE)
+            self._advise(unit.spans, MADV_HUGEPAGE)  # faults and populates read 2-4 MiB at a time (see HUGEPAGE)
         if RANDOM:
-            self._advise(unit, MADV_RANDOM)  # and nothing past the unit's end (see RANDOM)
+            self._advise(unit.spans, MADV_RANDOM)  # and nothing past the unit's end (see RANDOM)
 
     def _lock_resident(self) -> bool:
         for f, fd in self._fds.items():
@@ -314,8 +311,8 @@ class Streamer:
             return
         os.posix_fadvise(self._fds[file], lo, size, os.POSIX_FADV_WILLNEED)
 
-    def _advise(self, unit: Unit, advice: int) -> None:
-        for s in unit.spans:
+    def _advise(self, spans: Sequence[Span], advice: int) -> None:
+        for s in spans:
             lo, hi = round_in(s.start, s.end)
             addr = self._in_llama(s.file, lo, hi)
             if addr is not None:
