@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType,
 
 from .errors import InputNotFound, InvalidGGUF
 from .gguf_keys import MAX_COUNT, check_known_keys
+from .packed_strings import PackedStrings, pack
 from .tensor_specs import TensorSpec, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
@@ -31,6 +32,7 @@ DEFAULT_ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_STRING_BYTES = 64 * 1024 * 1024  # a chat template or key is never this large
 MAX_ARRAY_DEPTH = 2
+PACK_MIN = 4096  # string arrays this long (a vocabulary, its merges) are kept packed
 MAX_TENSOR_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses names of 64 bytes or more
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
@@ -128,11 +130,13 @@ class _Cursor:
     def string(self, what: str) -> str:
         return self.strings(1, what)[0]
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in a row (a vocabulary holds hundreds of thousands, hence the tight loop)."""
+    def strings(self, count: int, what: str) -> list[str] | PackedStrings:
+        """`count` strings in a row (a vocabulary holds hundreds of thousands, hence the tight loop); from
+        PACK_MIN strings on, packed (see `packed_strings`)."""
         buf, pos, size = self.buf, self.pos, self.size
         unpack = _U64.unpack_from
-        out: list[str] = [""] * count
+        first, packed = pos, count >= PACK_MIN
+        out: list[Any] = [""] * count
         for i in range(count):
             if pos + 8 > size:
                 self.pos = pos
@@ -143,10 +147,10 @@ class _Cursor:
                 raise self.fail(f"{what} is {length:,} bytes long (limit {MAX_STRING_BYTES:,})")
             if pos + length > size:
                 raise self.fail(f"truncated while reading {what} at byte {pos}")
-            out[i] = buf[pos : pos + length].decode("utf-8", errors="replace")
+            out[i] = pos if packed else buf[pos : pos + length].decode("utf-8", errors="replace")
             pos += length
         self.pos = pos
-        return out
+        return pack(buf, first, pos, out) if packed else out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 from gguf import Keys
 
 from .errors import InvalidGGUF
+from .packed_strings import PackedStrings
 
 MAX_COUNT = 1 << 24  # no real model has 16M keys, tensors or vocab entries
 
@@ -59,7 +60,8 @@ def check_known_keys(metadata: dict[str, Any], path: Path) -> None:
         if key in metadata and not isinstance(metadata[key], str):
             raise fail(f"{key} must be a string")
     tokens = metadata.get(Keys.Tokenizer.LIST)
-    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+    if tokens is not None and not (isinstance(tokens, PackedStrings)
+                                   or (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens))):
         raise fail(f"{Keys.Tokenizer.LIST} must be an array of strings")
     arch = metadata.get(Keys.General.ARCHITECTURE)
     bounds = dict(_GLOBAL_INT_BOUNDS)

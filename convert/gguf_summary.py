@@ -10,6 +10,7 @@ from typing import Any
 from gguf import Keys, LlamaFileType
 
 from .gguf_file import GGUFModelFile, read_gguf
+from .packed_strings import PackedStrings
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def summarize(path: str | Path, model: GGUFModelFile | None = None) -> ModelSumm
     histogram = Counter(t.ggml_type.name for t in model.tensors)
     params = model.n_parameters
     tokens = model.get(Keys.Tokenizer.LIST)
-    vocab = model.arch_key(Keys.LLM.VOCAB_SIZE) or (len(tokens) if isinstance(tokens, list) else None)
+    vocab = model.arch_key(Keys.LLM.VOCAB_SIZE) or (len(tokens) if isinstance(tokens, (list, PackedStrings)) else None)
     head_kv = model.arch_key(Keys.Attention.HEAD_COUNT_KV)
     if isinstance(head_kv, list):  # per-layer lists exist in some architectures
         head_kv = max(head_kv) if head_kv else None
