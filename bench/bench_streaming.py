@@ -183,6 +183,19 @@ def run_child(side: str, path: Path, tokens: int, threads: int, cgroup: Path | N
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median tok/s (the lower middle one of an even count), its read per token the median of
+    all; `text` the same in every run or the word "differs" (a run that changed tokens must show)."""
+    ordered = sorted(runs, key=lambda r: r["tps"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    reads = sorted(r["read_per_token"] for r in runs)
+    mid["read_per_token"] = reads[(len(reads) - 1) // 2]
+    if any(r["text"] != mid["text"] for r in runs):
+        mid["text"] = "differs"
+    mid["runs"] = [r["tps"] for r in runs]
+    return mid
+
+
 def build_model(folder: Path) -> Path:
     from corral.convert.converter import convert_checkpoint
     from corral.convert.minimodel import MiniSpec, build_checkpoint
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default="1.3,2,3", help="file size / memory limit ratios")
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each side per ratio, alternating (medians reported)")
     ap.add_argument("--sides", default="raw,corral",
                     help="raw, corral and/or an ablation: " + ", ".join(f"{k} ({v})" for k, v in ABLATIONS.items()))
     args = ap.parse_args(argv)
@@ -230,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         speeds = [speed]
         for ratio in (float(r) for r in args.ratios.split(",")):
             limit = int(size / ratio)
-            res: dict[str, dict[str, Any]] = {}
+            runs: dict[str, list[dict[str, Any]]] = {}
             with memory_cgroup(limit) as cg:
-                for side in args.sides.split(","):
-                    res[side] = run_child(side, path, args.tokens, args.threads, cg)
-                    streams = (res[side].get("streaming") or {}).get("streamed_bytes")
-                    print(f"ratio {ratio}: {side} {res[side]['tps']:.3f} tok/s, "
-                          f"{res[side]['read_per_token'] / GiB:.3f} GiB/token"
-                          + (f" ({streams / GiB:.3f} GiB streamed)" if streams else ""), file=sys.stderr)
+                for _ in range(args.repeat):  # sides alternate: the disk's speed drifts over minutes
+                    for side in args.sides.split(","):
+                        r = run_child(side, path, args.tokens, args.threads, cg)
+                        runs.setdefault(side, []).append(r)
+                        streams = (r.get("streaming") or {}).get("streamed_bytes")
+                        print(f"ratio {ratio}: {side} {r['tps']:.3f} tok/s, {r['read_per_token'] / GiB:.3f} GiB/token"
+                              + (f" ({streams / GiB:.3f} GiB streamed)" if streams else ""), file=sys.stderr)
+            res = {side: median_run(rs) for side, rs in runs.items()}
             speeds.append(cold_read_speed(path))  # the disk's speed varies with its host: measured after each pair
             rows.append((ratio, limit, res))
         # the bound is an upper limit: the fastest cold read this run saw
@@ -262,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{ours['plan_tps']:.3f}" if ours and ours.get("plan_tps") else "-")
             cells.append(str(ours["text"] == in_ram["text"]) if ours else "-")
             print("| " + " | ".join(cells) + " |")
+        if args.repeat > 1:
+            print("\nEvery run, tok/s: " + "; ".join(
+                f"{ratio:g} " + ", ".join(f"{side} " + " ".join(f"{t:.2f}" for t in r["runs"]) for side, r in res.items())
+                for ratio, _limit, res in rows))
         extra = [side for side in args.sides.split(",") if side in ABLATIONS]
         if extra:
             print("\n| file/limit | " + " | ".join(f"{side} tok/s | {side} GiB read/token | corral/{side}"
