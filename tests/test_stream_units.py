@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, Span, Unit, choose, llama_mappings, split
+from corral.app.runtime.stream_units import (
+    PAGE,
+    SPLIT_MIN,
+    Span,
+    Unit,
+    choose,
+    drop_range,
+    llama_mappings,
+    round_out,
+    shared_folios,
+    split,
+)
 from tests.helpers.stream import units_of_sizes as _units
 
 
@@ -91,3 +102,56 @@ def test_rebalance_moves_as_little_as_it_can() -> None:
     f = units[0].spans[0].file
     assert merged([Unit(2, (Span(f, 50, 80),)), Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 50),))]) == (
         Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 80),)))
+
+
+def _file_order(indices: list[int], sizes: list[int]) -> list[Unit]:
+    """Units laid out in the file in `indices` order (a Llama GGUF's: blk.0, blk.1, blk.10, ...)."""
+    f, at, out = Path("/m.gguf"), 0, []
+    for i, n in zip(indices, sizes):
+        out.append(Unit(i, (Span(f, at, at + n),)))
+        at += n
+    return sorted(out, key=lambda u: u.index)
+
+
+def _token(units: list[Unit], later_rule: bool, folio: int) -> tuple[int, set[tuple[Path, int]]]:
+    """One token over streamed `units` in compute order: each reads the folios its bytes lie in (those not cached)
+    and is then dropped by `drop_range`. Returns folios read and what is left cached."""
+    shared = shared_folios(units, folio)
+    cached: set[tuple[Path, int]] = set()
+    reads = 0
+    for u in units:
+        need = {(s.file, at) for s in u.spans for at in range(*round_out(s.start, s.end, folio), folio)}
+        reads += len(need - cached)
+        cached |= need
+        for s in u.spans:
+            lo, hi = drop_range(s, u.index, shared, (lambda i, me=u.index: i > me) if later_rule else (lambda i: False),
+                                folio)
+            cached -= {(s.file, at) for at in range(lo, hi, folio)}
+    return reads, cached
+
+
+def test_a_folio_two_streamed_layers_share_is_read_once_a_token() -> None:
+    folio = 2 * 1024 * 1024
+    order = [0, 1, 10, 11, 2, 3, 12, 4]  # file order of layer indices
+    sizes = [3 * folio + 4096 * (k + 1) for k in range(len(order))]  # edges fall inside folios
+    units = _file_order(order, sizes)
+    distinct = len({(s.file, at) for u in units for s in u.spans for at in range(*round_out(s.start, s.end, folio),
+                                                                                  folio)})
+    reads, left = _token(units, later_rule=True, folio=folio)
+    assert reads == distinct and not left  # each folio read once, nothing left cached after the token
+    reads_plain, left_plain = _token(units, later_rule=False, folio=folio)
+    assert not left_plain and reads_plain == distinct + len(shared_folios(units, folio))
+
+
+def test_drop_range_keeps_an_edge_folio_for_a_layer_still_to_come() -> None:
+    folio = 2 * 1024 * 1024
+    a, b = _file_order([0, 7], [folio + 100, folio])  # b starts 100 bytes into a's second folio
+    shared = shared_folios([a, b], folio)
+    assert shared == {(Path("/m.gguf"), folio): frozenset({0, 7})}
+    assert drop_range(a.spans[0], 0, shared, lambda i: i == 7, folio) == (0, folio)  # 7 comes later: kept for it
+    assert drop_range(a.spans[0], 0, shared, lambda i: False, folio) == (0, 2 * folio)
+    assert drop_range(b.spans[0], 7, shared, lambda i: False, folio) == (folio, 3 * folio)
+    tiny = _file_order([3, 4, 5], [100, 100, 100])  # three units inside one folio
+    middle = next(u for u in tiny if u.index == 4)
+    lo, hi = drop_range(middle.spans[0], 4, shared_folios(tiny, folio), lambda i: i == 5, folio)
+    assert lo >= hi

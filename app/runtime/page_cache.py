@@ -24,6 +24,11 @@ HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
 # only with HUGEPAGE: alone, streamed layers' faults would read 4 KiB).
 RANDOM = HUGEPAGE and os.environ.get("CORRAL_STREAM_RANDOM", "1") != "0"
 
+# A huge-page folio holding the end of one streamed layer and the start of another that is still to come this
+# token is left for that layer when the first is dropped (the last of them drops it): otherwise both read it.
+# CORRAL_STREAM_EDGES=0 drops it with the first.
+EDGES = os.environ.get("CORRAL_STREAM_EDGES", "1") != "0"
+
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -45,5 +50,5 @@ def read_bytes() -> int:
     return 0
 
 
-__all__ = ["MADV_DONTNEED", "MADV_HUGEPAGE", "MADV_POPULATE_READ", "MADV_RANDOM", "HUGEPAGE", "MAP_SHARED", "POPULATE",
+__all__ = ["EDGES", "MADV_DONTNEED", "MADV_HUGEPAGE", "MADV_POPULATE_READ", "MADV_RANDOM", "HUGEPAGE", "MAP_SHARED", "POPULATE",
            "PROT_READ", "RANDOM", "libc", "malloc_trim", "read_bytes"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +189,29 @@ def round_in(start: int, end: int) -> tuple[int, int]:
 
 def round_out(start: int, end: int, to: int = PAGE) -> tuple[int, int]:
     return start // to * to, -(-end // to) * to
+
+
+def shared_folios(units: Sequence[Unit], folio: int = PMD) -> dict[tuple[Path, int], frozenset[int]]:
+    """The huge-page folios that hold the edges of more than one unit (file, folio start -> the units)."""
+    users: dict[tuple[Path, int], set[int]] = {}
+    for u in units:
+        for s in u.spans:
+            for at in {s.start // folio * folio, (s.end - 1) // folio * folio}:
+                users.setdefault((s.file, at), set()).add(u.index)
+    return {k: frozenset(v) for k, v in users.items() if len(v) > 1}
+
+
+def drop_range(span: Span, index: int, shared: dict[tuple[Path, int], frozenset[int]],
+               later: Callable[[int], bool], folio: int = PMD) -> tuple[int, int]:
+    """What to drop of unit `index`'s `span` once used: out to the folios at its edges (the kernel reads and drops
+    whole folios), except an edge folio that holds bytes of a unit `later` says is still to come this token: that
+    unit would read the folio again, so it stays for it (and that unit's drop takes it)."""
+    lo, hi = round_out(span.start, span.end, folio)
+    if any(later(i) for i in shared.get((span.file, lo), ()) if i != index):
+        lo += folio
+    if hi - folio >= lo and any(later(i) for i in shared.get((span.file, hi - folio), ()) if i != index):
+        hi -= folio
+    return lo, max(lo, hi)
 
 
 def window_for(units: Sequence[Unit], missing: int) -> int:

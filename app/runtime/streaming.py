@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.app.runtime.page_cache import (
+    EDGES,
     HUGEPAGE,
     MADV_DONTNEED,
     MADV_HUGEPAGE,
@@ -39,17 +40,18 @@ from corral.app.runtime.page_cache import libc as _libc
 from corral.app.runtime.page_cache import malloc_trim as _malloc_trim
 from corral.app.runtime.page_cache import read_bytes as _read_bytes
 from corral.app.runtime.stream_units import (
-    PMD,
     Mapping,
     Span,
     StreamSets,
     Unit,
     choose,
+    drop_range,
     llama_mappings,
     rebalance,
     round_in,
     round_out,
     row_spans,
+    shared_folios,
     units_of,
     window_for,
 )
@@ -122,6 +124,7 @@ class Streamer:
         self.sets = sets
         self._order = sorted(u.index for u in sets.streamed)
         self._by_index = {u.index: u for u in sets.streamed}
+        self._shared = shared_folios([*sets.resident, *sets.streamed]) if EDGES else {}
 
     def describe(self) -> dict[str, Any]:
         return {"resident_bytes": self.sets.resident_bytes, "streamed_bytes": self.sets.streamed_bytes,
@@ -322,14 +325,19 @@ class Streamer:
         """Unmap the unit from llama.cpp's mapping and drop it from the page cache, to the huge-page folios at its
         edges: the kernel keeps a folio that is still mapped or locked (a neighbour in use, a resident one), and
         drops the rest of one that straddles a unit used before (measured at file/limit 3: 0.82-0.83 GiB read per
-        token, against 0.85 with edges rounded in, which left ~2 MiB of every streamed unit cached)."""
+        token, against 0.85 with edges rounded in, which left ~2 MiB of every streamed unit cached). An edge folio
+        that also holds a streamed unit still to come this token stays for it (0.733-0.736 against 0.760-0.765 GiB
+        at 3 over four pairs: in a Llama GGUF's file order, blk.1 then blk.10, most streamed layers border another)."""
+        pos = self._pos
         for s in unit.spans:
             lo, hi = round_out(s.start, s.end)
             addr = self._in_llama(s.file, lo, hi)
             if addr is not None:
                 _libc.madvise(addr, hi - lo, MADV_DONTNEED)
-            lo, hi = round_out(s.start, s.end, PMD)
-            os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            lo, hi = drop_range(s, unit.index, self._shared,
+                                lambda i: pos is not None and i >= pos and i in self._by_index)
+            if hi > lo:
+                os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self in _active:
