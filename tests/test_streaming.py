@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corral.app.runtime import streaming
+from corral.app.runtime import stream_setup, streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
 from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, StreamSets
@@ -104,17 +104,17 @@ def test_streamer_finds_llamas_mapping_past_a_big_header(tmp_path: Path) -> None
 def test_no_streamer_unless_the_plan_streams(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mf = read_gguf(model)
     plan = cpu_plan(n_ctx=256)
-    assert streaming.for_plan(plan, mf, plan.load) is None
+    assert stream_setup.for_plan(plan, mf, plan.load) is None
     streams = replace(plan, disk_stream_bytes=1)
-    assert streaming.for_plan(streams, mf, replace(plan.load, use_mmap=False)) is None
-    no_gpu = streaming.for_plan(streams, mf, replace(plan.load, n_gpu_layers=-1))
+    assert stream_setup.for_plan(streams, mf, replace(plan.load, use_mmap=False)) is None
+    no_gpu = stream_setup.for_plan(streams, mf, replace(plan.load, n_gpu_layers=-1))
     assert no_gpu is not None and len(no_gpu.units) == N_LAYERS + 1  # no GPU: -ngl changes nothing
     gpu = replace(streams, devices=(*plan.devices, replace(plan.devices[0], name="GPU0", kind="gpu")))
-    assert streaming.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=-1)) is None  # all on the GPU
-    part = streaming.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=2))
+    assert stream_setup.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=-1)) is None  # all on the GPU
+    part = stream_setup.for_plan(gpu, mf, replace(plan.load, n_gpu_layers=2))
     assert part is not None and [u.index for u in part.units] == list(range(N_LAYERS - 1))  # head + last layer
     monkeypatch.setenv("CORRAL_STREAMING", "0")
-    assert streaming.for_plan(streams, mf, plan.load) is None
+    assert stream_setup.for_plan(streams, mf, plan.load) is None
 
 
 @pytest.mark.parametrize("lock_refused", [False, True])

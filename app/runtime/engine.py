@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from corral.app.runtime import state, streaming
+from corral.app.runtime import state, stream_setup, streaming
 from corral.app.runtime.api import (
     FitResult,
     Generation,
@@ -84,7 +84,7 @@ def load_engine(
     LOG.install()
     LOG.verbose = options.verbose
     native = build_params(settings)
-    streamer = streaming.for_plan(plan, model_file, settings)  # weights beyond RAM stream ahead of compute
+    streamer = stream_setup.for_plan(plan, model_file, settings)  # weights beyond RAM stream ahead of compute
     c_eval = _eval_callback(streamer, eval_callback)
     if c_eval is not None:
         native.context.cb_eval = c_eval
