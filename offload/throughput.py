@@ -25,10 +25,10 @@ CPU_FLOPS_PER_THREAD = 30e9
 PP_PER_TOKEN_S = 1.0e-4  # embeddings, norms, rope, attention of short prompts
 GPU_FLOPS_PER_BYTE_PER_S = 80.0
 PCIE_BANDWIDTH = 20e9  # copies of CPU weights to the GPU for big prompt batches (PCIe 4.0 x16, effective)
-# measured (bench_streaming, AMX host): 0.188-0.190, 0.572-0.577 and 0.752-0.760 GiB read per token for 0.186-0.187,
-# 0.534-0.535 and 0.734 GiB streamed: a fault or populate in a streamed layer reads the 2 MiB folio around it, so
-# edges next to resident layers are read too
-STREAM_READ_OVERHEAD = 1.04
+# measured (bench_streaming, AMX host, runs T and V): 0.168, 0.525-0.526 and 0.731-0.734 GiB read per token for
+# 0.176, 0.523 and 0.723 GiB streamed: a fault or populate in a streamed layer reads the 2 MiB folio around it, so
+# edges next to resident layers are read too; part of the read-ahead window is read ahead only when little streams
+STREAM_READ_OVERHEAD = 1.02
 # Measured with bench_streaming (F16, 0.93 GiB read per token, room = cgroup limit - ~0.15 GiB anonymous):
 # raw mmap kept 0.21 of 0.75, 0.09 of 0.44 and 0.06 of 0.24 GiB across a token's sweep: about a quarter of the room.
 MMAP_KEPT_FRACTION = 0.25
@@ -141,7 +141,7 @@ def network_stretches(p: Placement, hw: Hardware) -> list[tuple[rpc.RpcLink, boo
 
 def disk_read_seconds(streamed: int, hw: Hardware) -> float:
     """Seconds per token to read the streamed weights: what the streaming engine reads (the streamed part, plus
-    ~4% the kernel's 2 MiB folios fetch at its edges, measured) at the disk's speed (measured by earlier streaming
+    ~2% the kernel's 2 MiB folios fetch at its edges, measured) at the disk's speed (measured by earlier streaming
     runs' reads, else a cold sequential read)."""
     return streamed * STREAM_READ_OVERHEAD / hw.disk_bandwidth
 
