@@ -96,6 +96,12 @@ class GGUFModelFile:
         return self.metadata.get(template.format(arch=self.architecture), default)
 
     @property
+    def n_tokens(self) -> int:
+        """How many strings the vocabulary array holds (0: none)."""
+        tokens = self.metadata.get(Keys.Tokenizer.LIST)
+        return len(tokens) if isinstance(tokens, (list, PackedStrings)) else 0
+
+    @property
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 

@@ -10,7 +10,6 @@ from typing import Any
 from gguf import Keys, LlamaFileType
 
 from .gguf_file import GGUFModelFile, read_gguf
-from .packed_strings import PackedStrings
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,7 @@ def summarize(path: str | Path, model: GGUFModelFile | None = None) -> ModelSumm
     model = model or read_gguf(path)
     histogram = Counter(t.ggml_type.name for t in model.tensors)
     params = model.n_parameters
-    tokens = model.get(Keys.Tokenizer.LIST)
-    vocab = model.arch_key(Keys.LLM.VOCAB_SIZE) or (len(tokens) if isinstance(tokens, (list, PackedStrings)) else None)
+    vocab = model.arch_key(Keys.LLM.VOCAB_SIZE) or model.n_tokens or None
     head_kv = model.arch_key(Keys.Attention.HEAD_COUNT_KV)
     if isinstance(head_kv, list):  # per-layer lists exist in some architectures
         head_kv = max(head_kv) if head_kv else None

@@ -11,7 +11,6 @@ from gguf import GGMLQuantizationType, Keys, LlamaFileType
 
 from corral.convert.errors import InputNotFound, InvalidGGUF, UnsupportedModel
 from corral.convert.llama_family import ROPE_FREQS_NAME, LlamaHParams, RopeScaling, gguf_tensor_specs
-from corral.convert.packed_strings import PackedStrings
 from corral.convert.tensor_specs import TensorSpec
 
 from . import catalog
@@ -154,8 +153,7 @@ def profile_of(model: Any, path: str | Path) -> ModelProfile:
     n_ff = key(Keys.LLM.FEED_FORWARD_LENGTH, 4 * int(n_embd))
     if isinstance(n_ff, list):
         n_ff = max(n_ff)
-    tokens = model.get(Keys.Tokenizer.LIST)
-    n_vocab = key(Keys.LLM.VOCAB_SIZE) or (len(tokens) if isinstance(tokens, (list, PackedStrings)) else 0)
+    n_vocab = key(Keys.LLM.VOCAB_SIZE) or model.n_tokens
     if not n_vocab:
         embd = next((t for t in model.tensors if t.name == "token_embd.weight"), None)
         n_vocab = embd.shape[1] if embd is not None and len(embd.shape) > 1 else 32000

@@ -7,27 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType
 
 from corral.convert.errors import InputNotFound, InvalidGGUF
 from corral.convert.gguf_file import read_gguf, read_header, split_paths
 from corral.convert.tensor_specs import TensorSpec, tensor_nbytes
+from tests.helpers.gguf_files import write_gguf
 
 
 def _write_small(path: Path, n_tensors: int = 3) -> Path:
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(64)
-    writer.add_string("tokenizer.chat_template", "{{ messages }}")
-    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
-    for i in range(n_tensors):
-        writer.add_tensor(f"t{i}", np.full((4, 32), i, dtype=np.float32))
-    writer.add_tensor("h", np.zeros((2, 32), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    kvs = {"llama.block_count": 1, "llama.context_length": 64, "tokenizer.chat_template": "{{ messages }}",
+           "tokenizer.ggml.tokens": ["a", "b", "c"]}
+    tensors = {f"t{i}": np.full((4, 32), i, dtype=np.float32) for i in range(n_tensors)}
+    return write_gguf(path, kvs, {**tensors, "h": np.zeros((2, 32), dtype=np.float16)})
 
 
 def test_reads_back_what_gguf_writer_wrote(tmp_path: Path) -> None:

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader
 
 from corral.convert.gguf_file import PACK_MIN, read_gguf
 from corral.convert.gguf_summary import summarize
 from corral.convert.packed_strings import PackedStrings
+from tests.helpers.gguf_files import write_gguf
 
 
 def _vocab(n: int, seed: int = 0) -> list[str]:
@@ -22,16 +23,8 @@ def _vocab(n: int, seed: int = 0) -> list[str]:
 
 
 def _write(path: Path, tokens: list[str], merges: list[str]) -> Path:
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.merges", merges)
-    writer.add_tensor("t0", np.zeros((2, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, {"llama.block_count": 1, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges},
+                      {"t0": np.zeros((2, 32), dtype=np.float32)})
 
 
 def _reference(path: Path, key: str) -> list[str]:

@@ -104,15 +104,6 @@ def test_rebalance_moves_as_little_as_it_can() -> None:
         Unit(1, (Span(f, 0, 10),)), Unit(2, (Span(f, 10, 80),)))
 
 
-def _file_order(indices: list[int], sizes: list[int]) -> list[Unit]:
-    """Units laid out in the file in `indices` order (a Llama GGUF's: blk.0, blk.1, blk.10, ...)."""
-    f, at, out = Path("/m.gguf"), 0, []
-    for i, n in zip(indices, sizes):
-        out.append(Unit(i, (Span(f, at, at + n),)))
-        at += n
-    return sorted(out, key=lambda u: u.index)
-
-
 def _token(units: list[Unit], later_rule: bool, folio: int) -> tuple[int, set[tuple[Path, int]]]:
     """One token over streamed `units` in compute order: each reads the folios its bytes lie in (those not cached)
     and is then dropped by `drop_range`. Returns folios read and what is left cached."""
@@ -134,7 +125,7 @@ def test_a_folio_two_streamed_layers_share_is_read_once_a_token() -> None:
     folio = 2 * 1024 * 1024
     order = [0, 1, 10, 11, 2, 3, 12, 4]  # file order of layer indices
     sizes = [3 * folio + 4096 * (k + 1) for k in range(len(order))]  # edges fall inside folios
-    units = _file_order(order, sizes)
+    units = _units(sizes, order)
     distinct = len({(s.file, at) for u in units for s in u.spans for at in range(*round_out(s.start, s.end, folio),
                                                                                   folio)})
     reads, left = _token(units, later_rule=True, folio=folio)
@@ -145,13 +136,13 @@ def test_a_folio_two_streamed_layers_share_is_read_once_a_token() -> None:
 
 def test_drop_range_keeps_an_edge_folio_for_a_layer_still_to_come() -> None:
     folio = 2 * 1024 * 1024
-    a, b = _file_order([0, 7], [folio + 100, folio])  # b starts 100 bytes into a's second folio
+    a, b = _units([folio + 100, folio], [0, 7])  # b starts 100 bytes into a's second folio
     shared = shared_folios([a, b], folio)
     assert shared == {(Path("/m.gguf"), folio): frozenset({0, 7})}
     assert drop_range(a.spans[0], 0, shared, lambda i: i == 7, folio) == (0, folio)  # 7 comes later: kept for it
     assert drop_range(a.spans[0], 0, shared, lambda i: False, folio) == (0, 2 * folio)
     assert drop_range(b.spans[0], 7, shared, lambda i: False, folio) == (folio, 3 * folio)
-    tiny = _file_order([3, 4, 5], [100, 100, 100])  # three units inside one folio
+    tiny = _units([100, 100, 100], [3, 4, 5])  # three units inside one folio
     middle = next(u for u in tiny if u.index == 4)
     lo, hi = drop_range(middle.spans[0], 4, shared_folios(tiny, folio), lambda i: i == 5, folio)
     assert lo >= hi

@@ -11,8 +11,8 @@ MADV_RANDOM, MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_READ = 1, 4, 14, 22
 POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 # Streamed layers are advised MADV_HUGEPAGE in llama.cpp's mapping: a page fault there, or a populate, then reads
-# 4 MiB around it (PMD-sized read-around; the 2 MiB folio with RANDOM below) instead of 128 KiB. Disks serve a bounded number of requests per second,
-# so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
+# 4 MiB around it (PMD-sized read-around; the 2 MiB folio with RANDOM below) instead of 128 KiB. Disks serve a
+# bounded number of requests per second, so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
 # 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time). CORRAL_STREAM_HUGEPAGE=0 leaves it out.
 HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
 # ... and MADV_RANDOM: a fault then reads the 2 MiB folio around it and no more. Otherwise the file's read-ahead
@@ -50,5 +50,5 @@ def read_bytes() -> int:
     return 0
 
 
-__all__ = ["EDGES", "MADV_DONTNEED", "MADV_HUGEPAGE", "MADV_POPULATE_READ", "MADV_RANDOM", "HUGEPAGE", "MAP_SHARED", "POPULATE",
-           "PROT_READ", "RANDOM", "libc", "malloc_trim", "read_bytes"]
+__all__ = ["EDGES", "MADV_DONTNEED", "MADV_HUGEPAGE", "MADV_POPULATE_READ", "MADV_RANDOM", "HUGEPAGE", "MAP_SHARED",
+           "POPULATE", "PROT_READ", "RANDOM", "libc", "malloc_trim", "read_bytes"]
