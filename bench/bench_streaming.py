@@ -6,9 +6,9 @@ Builds (or takes) an F16 miniature Llama of ~1.2 GB, then for each file/limit ra
 child process placed in a cgroup-v1 memory cgroup (`memory.limit_in_bytes`, as root; skipped with a
 reason elsewhere), with the file evicted from the page cache first (`posix_fadvise(DONTNEED)`). Reported:
 decode tok/s, GiB read from disk per token (the child's /proc/self/io `read_bytes`), and the bound
-max(compute time, bytes that cannot stay cached / measured cold read speed) per token, and whether corral's
-greedy text is the one it writes with the model in RAM (not streaming). Children run in their own session with
-autogroup nice -15 (the machine is shared).
+max(compute time, bytes that cannot stay cached / measured cold read speed) per token (bound/raw: the most any
+engine could gain over plain mmap at that ratio), and whether corral's greedy text is the one it writes with the
+model in RAM (not streaming). Children run in their own session with autogroup nice -15 (the machine is shared).
 """
 
 from __future__ import annotations
