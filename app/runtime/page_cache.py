@@ -12,8 +12,9 @@ POPULATE = os.environ.get("CORRAL_STREAM_POPULATE", "1") != "0"
 PROT_READ, MAP_SHARED = 1, 1
 # Streamed layers are advised MADV_HUGEPAGE in llama.cpp's mapping: a page fault there, or a populate, then reads
 # 4 MiB around it (PMD-sized read-around; the 2 MiB folio with RANDOM below) instead of 128 KiB. Disks serve a
-# bounded number of requests per second, so request size sets the read speed: measured at file/limit 2, 2.3-2.7 tok/s against 1.3-1.6 with no advice and
-# 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time). CORRAL_STREAM_HUGEPAGE=0 leaves it out.
+# bounded number of requests per second, so request size sets the read speed: measured at file/limit 2, 2.3-2.7
+# tok/s against 1.3-1.6 with no advice and 0.9-1.0 with MADV_SEQUENTIAL (whose faults read 128 KiB at a time).
+# CORRAL_STREAM_HUGEPAGE=0 leaves it out.
 HUGEPAGE = os.environ.get("CORRAL_STREAM_HUGEPAGE", "1") != "0"
 # ... and MADV_RANDOM: a fault then reads the 2 MiB folio around it and no more. Otherwise the file's read-ahead
 # runs on past the end of a streamed layer into whatever the file holds next (with Llama 3 GGUFs' tensor order,
