@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((ratio, limit, res))
         # the bound is an upper limit: the fastest cold read this run saw
         speed = max(speeds)
-        print(f"\nfile {size / GiB:.2f} GiB F16, cold reads {' '.join(f'{s / 1e9:.2f}' for s in speeds)} GB/s "
+        print(f"\nfile {path.name} {size / GiB:.2f} GiB, cold reads {' '.join(f'{s / 1e9:.2f}' for s in speeds)} GB/s "
               f"(bound from the fastest), fully cached {full['tps']:.2f} tok/s, {args.threads} threads, "
               f"{args.tokens} tokens per run\n")
         print("| file/limit | limit | raw mmap tok/s | raw GiB read/token | corral tok/s | corral GiB read/token | "

@@ -34,6 +34,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_validate_row_data.argtypes = [ctypes.c_int, vp, ctypes.c_size_t]
     lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_get_name.argtypes = lib.ggml_nrows.argtypes = [vp]  # a graph node's name and rows (eval callbacks)
+    lib.ggml_get_name.restype, lib.ggml_nrows.restype = ctypes.c_char_p, i64
 
 
 @cache

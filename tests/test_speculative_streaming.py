@@ -75,7 +75,7 @@ def test_a_useless_draft_is_released_when_the_target_streams(models: dict[str, P
     try:
         streamer, spec = eng.streamer, eng.speculator
         before = streamer.sets.streamed_bytes
-        monkeypatch.setattr(streaming, "measured_stream_bytes", lambda units, reserve=0: before // 2)
+        monkeypatch.setattr(streaming, "measured_stream_bytes", lambda units, reserve=0: before // 4)
         got, result = _run(eng, [Message("user", PROMPTS[0])], settings)
         assert got == want
         assert spec.released and spec.draft._ctx is None and spec.losses >= 2

@@ -46,15 +46,21 @@ def test_choose_splits_the_biggest_streamed_unit() -> None:
 
 def test_window_is_a_share_of_what_is_missing_but_holds_a_unit() -> None:
     """The read-ahead room is read again every token: two units or 64 MiB when much is missing, less when little
-    is (never less than the unit computing), none when nothing is."""
-    from corral.offload.memory import STREAM_WINDOW_MIN, STREAM_WINDOW_SHARE, stream_window
+    is (never less than the unit computing or the floor), none when nothing is."""
+    from corral.offload.memory import (
+        STREAM_WINDOW_FLOOR,
+        STREAM_WINDOW_MIN,
+        STREAM_WINDOW_SHARE,
+        stream_window,
+    )
 
     mib = 1024 * 1024
     unit, total = 29 * mib, 25 * 29 * mib
     assert stream_window(unit, total, 0) == 0
     assert stream_window(unit, total, total) == STREAM_WINDOW_MIN  # a small model: at least 64 MiB
-    assert stream_window(unit, total, 200 * mib) == max(unit, 200 * mib // STREAM_WINDOW_SHARE)
-    assert stream_window(unit, total, 10 * mib) == unit
+    assert stream_window(unit, total, 400 * mib) == 400 * mib // STREAM_WINDOW_SHARE
+    assert stream_window(unit, total, 10 * mib) == STREAM_WINDOW_FLOOR
+    assert stream_window(40 * mib, total, 10 * mib) == 40 * mib  # a step bigger than the floor
     big = 1200 * mib  # a 405B layer in Q2_K: two of them
     assert stream_window(big, 127 * big, 30 * 1024 * mib) == 2 * big
 

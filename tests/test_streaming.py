@@ -12,9 +12,10 @@ import pytest
 from corral.app.runtime import stream_setup, streaming
 from corral.app.runtime.api import SamplingSettings
 from corral.app.runtime.engine import load_engine
-from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, StreamSets
+from corral.app.runtime.stream_units import PAGE, SPLIT_MIN, STEPS, StreamSets, pieces_of, step_spans
 from corral.app.runtime.streaming import Span, Streamer, Unit, llama_mappings, units_of
 from corral.convert.gguf_file import read_gguf
+from corral.offload.memory import stream_step
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
 from tests.helpers.stream import units_of_sizes as _units
 
@@ -67,14 +68,15 @@ def test_read_ahead_reads_the_computing_unit_whole_and_the_next_within_the_windo
         span = unit.spans[0]
         return sum(size for lo, size in reads if span.start <= lo < span.end)
 
-    s._follow(6)  # computing the head: all 100 MiB of it, nothing after (the window is used up)
+    n = len(STEPS)  # graph positions: layer * len(STEPS) + step; these units have one step each
+    s._follow(6 * n)  # computing the head: all 100 MiB of it, nothing after (the window is used up)
     assert read_of(units[6]) == 100 * mib and sum(size for _, size in reads) == 100 * mib
     reads.clear()
     s._follow(0)  # a new token: 1 and 3 whole, 5 in part (25 MiB of window); the head is behind: dropped
     assert [read_of(units[i]) for i in (1, 3, 5, 6)] == [10 * mib, 10 * mib, streaming.WILLNEED_CHUNK, 0]
     assert dropped == [6]
     reads.clear()
-    s._follow(5)  # 5 computing: its rest; then the head as far as the window goes; 1 and 3 dropped
+    s._follow(5 * n)  # 5 computing: its rest; then the head as far as the window goes; 1 and 3 dropped
     assert read_of(units[5]) == 10 * mib - streaming.WILLNEED_CHUNK
     assert read_of(units[6]) == 2 * streaming.WILLNEED_CHUNK  # 15 MiB of window left, in 8 MiB pieces
     assert dropped == [6, 1, 3]
@@ -299,11 +301,60 @@ def test_a_unit_compute_passed_is_dropped_once_behind(monkeypatch: pytest.Monkey
     monkeypatch.setattr(s, "_read_ahead", lambda *_: None)
     dropped: list[int] = []
     monkeypatch.setattr(s, "_evict", lambda u: dropped.append(u.index))
-    s._pos = 2  # compute is already at 2 when the prefetch thread follows 0
+    n = len(STEPS)
+    s._pos = 2 * n  # compute is already at 2 when the prefetch thread follows 0
     s._follow(0)
-    assert {0, 1} <= set(s._fetched)
-    s._follow(2)
+    assert {0, n} <= set(s._fetched)
+    s._follow(2 * n)
     assert dropped == [0, 1]
+
+
+def test_a_streamed_layer_is_read_in_graph_order_and_dropped_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a Llama GGUF a layer's file order is FFN down, gate, up, attention; the graph computes attention first.
+    Read-ahead follows the graph, and each step computed is dropped at once (its inner huge-page folios; the edges
+    go with the layer), so the read-ahead room need only hold a step."""
+    mib = 1 << 20
+    f = Path("/m.gguf")
+    parts = [("ffn_down", 10), ("ffn_gate", 10), ("ffn_up", 10), ("attn_q", 10)]  # MiB, in file order
+    units, steps, at = [], {}, 0
+    for layer in range(3):
+        start = at
+        for name, size in parts:
+            steps.setdefault((layer, stream_step(f"blk.{layer}.{name}.weight")), []).append(
+                Span(f, at, at + size * mib))
+            at += size * mib
+        units.append(Unit(layer, (Span(f, start, at),)))
+    steps = {k: tuple(v) for k, v in steps.items()}
+    s = Streamer(units, stream_bytes=0, n_layer=3, lock=False, steps=steps)
+    s._use(StreamSets((units[0],), tuple(units[1:]), 20 * mib))
+    n = len(STEPS)
+    assert [p.pos for p in pieces_of(units[1], steps)] == [n, n + 1, n + 2, n + 3]
+    assert b"ffn_gate-1" in s._markers and b"ffn_gate-0" not in s._markers  # steps of streamed layers only
+    reads: list[int] = []
+    inner: list[int] = []
+    monkeypatch.setattr(s, "_read_ahead", lambda _f, lo, _size: reads.append(lo))
+    monkeypatch.setattr(s, "_drop_inner", lambda piece: inner.append(piece.pos))
+    monkeypatch.setattr(s, "_evict", lambda unit: inner.append(-unit.index))
+    s._follow(0)  # layer 0 is resident: layer 1's attention (its last 10 MiB in the file), then its FFN gate
+    layer1 = units[1].spans[0].start
+    assert [(lo - layer1) // mib for lo in reads] == [30, 38, 10, 18]  # 8 MiB requests
+    s._follow(n + 1)  # the gate computing: attention done, dropped; the layer stays
+    assert inner == [n]
+    s._follow(2 * n)  # layer 2 starts: the rest of layer 1 goes, the whole unit out to its edges
+    assert inner == [n, -1]
+
+
+def test_steps_split_a_layer_by_the_graphs_steps(model: Path) -> None:
+    mf = read_gguf(model)
+    steps = step_spans(mf.tensors)
+    unit = units_of(mf.tensors, N_LAYERS)[2]
+    pieces = pieces_of(unit, steps)
+    assert [p.pos % len(STEPS) for p in pieces] == [0, 1, 2, 3] and {p.index for p in pieces} == {2}
+    assert sum(p.nbytes for p in pieces) == unit.nbytes  # every byte of the layer in exactly one step
+    down = next(t for t in mf.tensors if t.name == "blk.2.ffn_down.weight")
+    assert pieces[3].spans == (Span(model, down.offset, down.offset + down.nbytes),)
+    head = units_of(mf.tensors, N_LAYERS)[-1]
+    assert [p.pos for p in pieces_of(head, steps)] == [N_LAYERS * len(STEPS)]  # the head: one step
 
 
 def test_refresh_counts_only_the_reserve_no_batch_wrote() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from corral.app.runtime.stream_units import row_spans, units_of
+from corral.app.runtime.stream_units import row_spans, step_spans, units_of
 from corral.app.runtime.streaming import Streamer
 
 
@@ -32,7 +32,7 @@ def for_plan(plan: Any, model_file: Any, settings: Any) -> Streamer | None:
         return touched_compute_bytes(profile, n_ctx, min(n_tokens, settings.n_ubatch), settings.flash_attn)
 
     return Streamer(units, plan.disk_stream_bytes, n_layer, reserve=touched(settings.n_ubatch), touched=touched,
-                    rows=row_spans(model_file.tensors))
+                    rows=row_spans(model_file.tensors), steps=step_spans(model_file.tensors))
 
 
 __all__ = ["for_plan"]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.convert.gguf_file import GGUFTensor
-from corral.offload.memory import STREAM_WINDOW_SHARE, stream_window
+from corral.offload.memory import STREAM_STEPS, STREAM_WINDOW_SHARE, stream_step, stream_window
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -89,6 +89,60 @@ def units_of(tensors: Sequence[GGUFTensor], n_layer: int) -> list[Unit]:
         index = int(m.group(1)) if m else n_layer
         spans.setdefault(index, []).append(Span(Path(t.file), t.offset, t.offset + t.nbytes))
     return [Unit(index, _joined(spans[index], gap=PAGE)) for index in sorted(spans)]
+
+
+# CORRAL_STREAM_STEPS=0: a streamed layer is read ahead and dropped whole, in file order (one step)
+BY_STEP = os.environ.get("CORRAL_STREAM_STEPS", "1") != "0"
+STEPS = STREAM_STEPS
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one step of a streamed unit reads: graph position `pos` (layer * len(STEPS) + step; the head's one
+    step is n_layer * len(STEPS))."""
+
+    pos: int
+    index: int  # the unit's
+    spans: tuple[Span, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.end - s.start for s in self.spans)
+
+
+def step_spans(tensors: Sequence[GGUFTensor]) -> dict[tuple[int, int], tuple[Span, ...]]:
+    """(layer, step) -> the byte spans of that step's tensors (adjacent ones joined)."""
+    out: dict[tuple[int, int], list[Span]] = {}
+    for t in tensors:
+        m = _LAYER.match(t.name)
+        if m:
+            key = (int(m.group(1)), stream_step(t.name) if BY_STEP else 0)
+            out.setdefault(key, []).append(Span(Path(t.file), t.offset, t.offset + t.nbytes))
+    return {k: _joined(v, gap=PAGE) for k, v in out.items()}
+
+
+def pieces_of(unit: Unit, steps: dict[tuple[int, int], tuple[Span, ...]]) -> list[Piece]:
+    """The unit's bytes by step, in graph order (a unit with no steps known, the output head: one piece)."""
+    n = len(STEPS)
+    own = [(k[1], sp) for k, sp in steps.items() if k[0] == unit.index]
+    pieces = []
+    for step, spans in sorted(own, key=lambda kv: kv[0]):
+        cut = tuple(Span(a.file, max(a.start, b.start), min(a.end, b.end)) for a in unit.spans for b in spans
+                    if a.file == b.file and max(a.start, b.start) < min(a.end, b.end))
+        if cut:
+            pieces.append(Piece(unit.index * n + step, unit.index, cut))
+    return pieces or [Piece(unit.index * n, unit.index, unit.spans)]
+
+
+def markers(pieces: Iterable[Piece], n_layer: int) -> dict[bytes, int]:
+    """The graph nodes the eval callback asks for, with their positions: the node that starts each layer, each
+    step of a streamed layer, and the output head's norm (every node asked for ends a piece of the graph's
+    computation, where the threads meet: so only the steps that matter)."""
+    n = len(STEPS)
+    out = {f"{STEPS[0]}-{i}".encode(): i * n for i in range(n_layer)}
+    out.update({f"{STEPS[p.pos % n]}-{p.index}".encode(): p.pos for p in pieces if p.index < n_layer})
+    out[b"result_norm"] = n_layer * n
+    return out
 
 
 def _joined(spans: Sequence[Span], gap: int = 0) -> tuple[Span, ...]:
@@ -214,10 +268,16 @@ def drop_range(span: Span, index: int, shared: dict[tuple[Path, int], frozenset[
     return lo, max(lo, hi)
 
 
-def window_for(units: Sequence[Unit], missing: int) -> int:
-    """Read-ahead room for streaming `missing` bytes of these units (offload/memory.stream_window)."""
+def window_for(units: Sequence[Unit], missing: int, steps: dict[tuple[int, int], tuple[Span, ...]] | None = None) -> int:
+    """Read-ahead room for streaming `missing` bytes of these units (offload/memory.stream_window). With the units'
+    `steps`, the room a step computing needs is its largest piece, not the whole unit: a step is dropped once used."""
+    if not units:
+        return 0
     sizes = sorted(u.nbytes for u in units)
-    return stream_window(sizes[len(sizes) // 2], sum(sizes), missing, WINDOW_SHARE) if sizes else 0
+    if not steps:
+        return stream_window(sizes[len(sizes) // 2], sum(sizes), missing, WINDOW_SHARE)
+    largest = sorted(max(p.nbytes for p in pieces_of(u, steps)) for u in units)
+    return stream_window(largest[len(largest) // 2], sum(sizes), missing, WINDOW_SHARE)
 
 
 @dataclass(frozen=True)
@@ -255,6 +315,6 @@ def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path,
     return best
 
 
-__all__ = ["PAGE", "PMD", "SPLIT_MIN", "Mapping", "Span", "StreamSets", "Unit", "choose", "llama_mappings", "merged",
-           "rebalance", "round_in", "round_out", "row_spans", "split", "units_of",
+__all__ = ["BY_STEP", "PAGE", "PMD", "SPLIT_MIN", "STEPS", "Mapping", "Piece", "Span", "markers", "StreamSets", "Unit", "choose", "llama_mappings", "merged",
+           "pieces_of", "rebalance", "round_in", "round_out", "row_spans", "split", "step_spans", "units_of",
            "window_for"]

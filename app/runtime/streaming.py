@@ -4,9 +4,11 @@ Under plain mmap the kernel's LRU sees one sweep over the whole file per token, 
 again soon and reads more than the missing part. Here the plan's resident share is locked (`mlock` through our
 own read-only mapping of the file: the same page-cache pages llama.cpp maps), or, where the lock is refused,
 kept hot with `WILLNEED` once per token. The streamed layers are read ahead in the order the graph consumes
-them by a prefetch thread that llama.cpp's eval callback keeps informed (the callback asks for one node per
-layer, `attn_norm-<i>`, and `result_norm` for the output head), and each is dropped from the page cache once
-used (out to the huge-page folios at its edges), so streaming never pushes the resident set out. Streamed layers
+them, step by step (attention, FFN gate, up, down: `offload.memory.STREAM_STEPS`), by a prefetch thread that
+llama.cpp's eval callback keeps informed (it asks for the node that starts each layer, `attn_norm-<i>`, the nodes
+that start the steps of streamed layers, and `result_norm` for the output head); each step is dropped from the
+page cache once computed, and the layer out to the huge-page folios at its edges once left behind, so streaming
+never pushes the resident set out and the read-ahead room need only hold a step. Streamed layers
 are advised MADV_HUGEPAGE and MADV_RANDOM in llama.cpp's mapping, so every read there (the prefetch thread's
 populates and compute's own faults) asks the disk for the 2 MiB folio around it and nothing past the layer's end.
 Inside a memory cgroup the sets follow the group: measured after loading, again when a batch wrote more of the
@@ -40,13 +42,18 @@ from corral.app.runtime.page_cache import libc as _libc
 from corral.app.runtime.page_cache import malloc_trim as _malloc_trim
 from corral.app.runtime.page_cache import read_bytes as _read_bytes
 from corral.app.runtime.stream_units import (
+    PMD,
+    STEPS,
     Mapping,
+    Piece,
     Span,
     StreamSets,
     Unit,
     choose,
     drop_range,
     llama_mappings,
+    markers,
+    pieces_of,
     rebalance,
     round_in,
     round_out,
@@ -86,26 +93,30 @@ class Streamer:
     """Owns the resident lock, the prefetch thread and the eval callback for one loaded model."""
 
     def __init__(self, units: Sequence[Unit], stream_bytes: int, n_layer: int, *, lock: bool = True,
-                 reserve: int = 0, touched: Callable[[int], int] | None = None, rows: Sequence[Span] = ()) -> None:
+                 reserve: int = 0, touched: Callable[[int], int] | None = None, rows: Sequence[Span] = (),
+                 steps: dict[tuple[int, int], tuple[Span, ...]] | None = None) -> None:
         """`reserve`: memory the process will still write after loading (the compute buffer generation touches);
         `touched(n)`: what a batch of n tokens writes of it, so a refresh counts only what no batch wrote yet;
-        `rows`: what a token reads a row of (the token embedding)."""
+        `rows`: what a token reads a row of (the token embedding); `steps`: the layers' bytes by step
+        (`stream_units.step_spans`), read ahead and dropped step by step (None: layer by layer)."""
         from llama_cpp import llama_cpp as lc
 
         self.units, self.n_layer, self._want_lock, self.reserve = tuple(units), n_layer, lock, reserve
         self._touched, self.largest_batch, self._rows = touched, 0, tuple(rows)
         self._sized_batch = 0  # the largest batch when the sets were last sized (a bigger one wrote more memory)
         self._sized_at = time.monotonic()
+        self._steps = steps or {}
+        self._npos = n_layer * len(STEPS) + 1  # graph positions: layer * len(STEPS) + step, then the head
         self._choose(stream_bytes)
-        self._markers = {f"attn_norm-{i}".encode(): i for i in range(n_layer)}
-        self._markers[b"result_norm"] = n_layer
-        self._get_name, self._nrows = _ggml_functions()
+        from corral.convert.ggml_lib import ggml
+
+        self._get_name, self._nrows = ggml().ggml_get_name, ggml().ggml_nrows
         self.callback = lc.ggml_backend_sched_eval_callback(self._on_eval)
         self._cond = threading.Condition()
         self._pos: int | None = None
         self.positions = 0  # layer boundaries the eval callback reported
         self._stop = False
-        self._fetched: dict[int, int] = {}  # streamed unit -> bytes read ahead so far
+        self._fetched: dict[int, int] = {}  # streamed piece (its position) -> bytes read ahead so far
         self._fds: dict[Path, int] = {}
         self._own: dict[Path, tuple[int, int]] = {}  # our mapping of each file (address, length)
         self._refresh = False
@@ -117,12 +128,14 @@ class Streamer:
         self.stats = StreamStats(0, 0.0, False, self.sets.resident_bytes, self.sets.streamed_bytes)
 
     def _choose(self, stream_bytes: int) -> None:
-        self._use(choose(self.units, stream_bytes, window_for(self.units, stream_bytes)))
+        self._use(choose(self.units, stream_bytes, window_for(self.units, stream_bytes, self._steps)))
 
     def _use(self, sets: StreamSets) -> None:
         self.sets = sets
         self._order = sorted(u.index for u in sets.streamed)
         self._by_index = {u.index: u for u in sets.streamed}
+        self._pieces = {p.pos: p for u in sets.streamed for p in pieces_of(u, self._steps)}
+        self._markers = markers(self._pieces.values(), self.n_layer)
         self._shared = shared_folios([*sets.resident, *sets.streamed]) if EDGES else {}
 
     def describe(self) -> dict[str, Any]:
@@ -187,15 +200,15 @@ class Streamer:
     # -- the graph's position ------------------------------------------------------------------
     def _on_eval(self, tensor: int, ask: bool, _user: Any) -> bool:
         try:  # nothing may escape into C: False on the second call would stop the graph
-            unit = self._markers.get(self._get_name(tensor) or b"")
+            pos = self._markers.get(self._get_name(tensor) or b"")
             if ask:
-                return unit is not None
-            if unit is not None:
+                return pos is not None
+            if pos is not None:
                 self.positions += 1
-                if unit == 0:  # attn_norm-0 is [n_embd, tokens in this ubatch]
+                if pos == 0:  # attn_norm-0 is [n_embd, tokens in this ubatch]
                     self.largest_batch = max(self.largest_batch, int(self._nrows(tensor)))
                 with self._cond:
-                    self._pos = unit
+                    self._pos = pos
                     self._cond.notify()
         except BaseException:  # noqa: BLE001
             return not ask
@@ -237,15 +250,15 @@ class Streamer:
         measured = measured_stream_bytes(self.units, self.reserve_left())
         if measured is None:
             return
-        new, grown, shrunk = rebalance(self.sets, measured, window_for(self.units, measured))
+        new, grown, shrunk = rebalance(self.sets, measured, window_for(self.units, measured, self._steps))
         self._use(new)
+        moved = {u.index for u in (*grown, *shrunk)}  # read again from their start: cached pages cost nothing
+        self._fetched = {k: v for k, v in self._fetched.items() if k // len(STEPS) not in moved}
         for u in grown:  # unlocked, they are kept hot at each token boundary like the rest of the resident set
-            self._fetched.pop(u.index, None)
             for sp in u.spans if self.locked else ():
                 lo, hi = round_out(sp.start, sp.end)
                 _libc.mlock(self._own[sp.file][0] + lo, hi - lo)  # refused: it stays hot as long as it is used
         for u in shrunk:
-            self._fetched.pop(u.index, None)  # read again from the start of the (merged) unit: cached pages cost nothing
             for sp in u.spans if self.locked else ():
                 lo, hi = round_in(sp.start, sp.end)  # whole pages: a neighbour's stay locked
                 if hi > lo:
@@ -269,37 +282,50 @@ class Streamer:
             self._keep_hot()
 
     def _follow(self, pos: int) -> None:
-        """Drop streamed units already used; read ahead the next ones (cyclically) as far as the window
-        holds. A unit bigger than the window is read ahead in part until compute reaches it, then to its end."""
-        n = self.n_layer + 1
-        ahead: list[tuple[int, int]] = []
+        """Drop streamed pieces already used; read ahead the next ones (cyclically) as far as the window holds. A
+        piece bigger than the window is read ahead in part until compute reaches it, then to its end."""
+        n = self._npos
+        ahead: list[tuple[Piece, int]] = []
         budget = self.sets.window
-        for index in sorted(self._order, key=lambda i: (i - pos) % n):
+        for piece in sorted(self._pieces.values(), key=lambda p: (p.pos - pos) % n):
             if budget <= 0 and ahead:
                 break
-            size = self._by_index[index].nbytes
-            # the unit computing now is read to its end: compute faults in all of it anyway, 4 MiB at a time
-            ahead.append((index, size if index == pos else max(budget, WILLNEED_CHUNK)))
-            budget -= size
-        keep = {i for i, _ in ahead}
-        for index in sorted(set(self._fetched) - keep):
-            self._evict(self._by_index[index])
-            del self._fetched[index]
-        for index in keep:  # dropped once left behind, read ahead or not: compute faults in what was not
-            self._fetched.setdefault(index, 0)
-        for index, room in ahead:
-            unit = self._by_index[index]
-            done, want = self._fetched.get(index, 0), min(unit.nbytes, room)
+            # the piece computing now is read to its end: compute faults in all of it anyway, 2 MiB at a time
+            ahead.append((piece, piece.nbytes if piece.pos == pos else max(budget, WILLNEED_CHUNK)))
+            budget -= piece.nbytes
+        keep = {p.pos for p, _ in ahead}
+        left = sorted(set(self._fetched) - keep)  # dropped once left behind, read ahead or not: compute faults in
+        kept = {self._pieces[at].index for at in keep}  # what was not
+        for index in sorted({self._pieces[at].index for at in left if at in self._pieces} - kept):
+            self._evict(self._by_index[index])  # the whole unit, out to its edge folios
+        for at in left:  # a step of a layer still in use: its inner folios (the edges go with the unit)
+            del self._fetched[at]
+            if at in self._pieces and self._pieces[at].index in kept:
+                self._drop_inner(self._pieces[at])
+        for at in keep:
+            self._fetched.setdefault(at, 0)
+        for piece, room in ahead:
+            done, want = self._fetched.get(piece.pos, 0), min(piece.nbytes, room)
             at = 0
-            for s in unit.spans:
+            for s in piece.spans:
                 for lo in range(s.start, s.end, WILLNEED_CHUNK):
                     size = min(WILLNEED_CHUNK, s.end - lo)
                     if at >= done and at < want:
-                        if self._stop or (self._pos is not None and (self._pos - pos) % n > (index - pos) % n):
-                            return  # compute passed this unit already: reading it now only adds pressure
+                        if self._stop or (self._pos is not None and (self._pos - pos) % n > (piece.pos - pos) % n):
+                            return  # compute passed this piece already: reading it now only adds pressure
                         self._read_ahead(s.file, lo, size)
-                        self._fetched[index] = at + size
+                        self._fetched[piece.pos] = at + size
                     at += size
+
+    def _drop_inner(self, piece: Piece) -> None:
+        for s in piece.spans:
+            lo, hi = -(-s.start // PMD) * PMD, s.end // PMD * PMD
+            if hi <= lo:
+                continue
+            addr = self._in_llama(s.file, lo, hi)
+            if addr is not None:
+                _libc.madvise(addr, hi - lo, MADV_DONTNEED)
+            os.posix_fadvise(self._fds[s.file], lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def _in_llama(self, file: Path, lo: int, hi: int) -> int | None:
         """Where llama.cpp mapped file bytes [lo, hi) (None: not mapped there)."""
@@ -327,7 +353,7 @@ class Streamer:
         token, against 0.85 with edges rounded in, which left ~2 MiB of every streamed unit cached). An edge folio
         that also holds a streamed unit still to come this token stays for it (0.733-0.736 against 0.760-0.765 GiB
         at 3 over four pairs: in a Llama GGUF's file order, blk.1 then blk.10, most streamed layers border another)."""
-        pos = self._pos
+        pos = None if self._pos is None else self._pos // len(STEPS)  # the layer computing
         for s in unit.spans:
             lo, hi = round_out(s.start, s.end)
             addr = self._in_llama(s.file, lo, hi)
@@ -374,17 +400,6 @@ def measured_stream_bytes(units: Sequence[Unit], reserve: int = 0) -> int | None
         return None
     room = limit.limit - limit.anon - stream_holdback(reserve)  # `choose` adds the read-ahead's room
     return max(0, sum(u.nbytes for u in units) - max(0, room))
-
-
-def _ggml_functions() -> tuple[Any, Any]:
-    """ggml_get_name and ggml_nrows from the ggml library llama-cpp-python loaded."""
-    from corral.convert.ggml_lib import ggml
-
-    lib = ggml()
-    name, nrows = lib.ggml_get_name, lib.ggml_nrows
-    name.restype, nrows.restype = ctypes.c_char_p, ctypes.c_int64
-    name.argtypes = nrows.argtypes = [ctypes.c_void_p]
-    return name, nrows
 
 
 __all__ = ["Span", "live_stats", "StreamSets", "StreamStats", "Streamer", "Unit", "choose", "llama_mappings", "units_of",
