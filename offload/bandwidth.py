@@ -51,7 +51,7 @@ def _cached(data: dict[str, Any], where: Path) -> dict[str, float]:
     key = _disk_key(where)
     if isinstance(data.get(key), (int, float)):
         out["disk"] = float(data[key])
-    streamed = data.get("stream:" + key)
+    streamed = data.get("stream-busy:" + key)
     if isinstance(streamed, (int, float)) and streamed > 0:
         out["disk"] = out["disk_streaming"] = float(streamed)  # measured while streaming: what streaming gets
     return out
@@ -81,12 +81,13 @@ STREAM_HISTORY = 5  # runs whose streaming speeds are kept; plans use their medi
 
 
 def record_stream_bandwidth(path: str | Path, speed: float, *, cache: Path | None = None) -> None:
-    """The read speed a run streaming weights from `path` measured (bytes read per token / the token's time): later
+    """The read speed a run streaming weights from `path` measured (bytes read per token / the time the disk had
+    reads to do: the token's time less the prefetch thread's waits; keyed apart from the earlier bytes / time): later
     plans use the median of the last STREAM_HISTORY runs' speeds for the disk tier of that filesystem instead of
     the cold read. A median, not the last run: measured speeds of one disk differ by 1.5x between runs
     (BENCHMARKS.md), and one odd run should not move every later plan."""
     data = _read_cache(cache)
-    key = "stream:" + _disk_key(Path(path))
+    key = "stream-busy:" + _disk_key(Path(path))
     kept = data.get(key + ":history")
     history = [float(x) for x in kept if isinstance(x, (int, float)) and x > 0] if isinstance(kept, list) else []
     history = [*history[-(STREAM_HISTORY - 1):], float(speed)]

@@ -107,6 +107,26 @@ def test_disk_streaming_is_loud() -> None:
     assert "streamed from disk" in p.headline
 
 
+def test_disk_waits_only_while_few_layers_stream() -> None:
+    """The streaming engine spreads streamed layers over the token and reads ahead of each stretch of resident
+    layers only as far as its room holds: with few layers streamed and long stretches the disk waits (the part of
+    the stretch its room does not cover); with many it never does."""
+    from corral.offload.catalog import require
+    from corral.offload.profile import profile_from_shape
+    from corral.offload.throughput import stream_idle_seconds
+
+    prof = profile_from_shape(require("llama-3.1-8b"), "F16")
+    total = sum(t.nbytes for t in prof.tensors if t.kind != "embd")
+    unit = total // (prof.n_layer + 1)
+    step = memory.largest_stream_step(prof.tensors)
+    assert unit / 4 < step < unit / 2  # an FFN matrix: about a third of a layer
+    few = stream_idle_seconds(prof, total - 2 * unit, 2 * unit, 1.0, 2e9)
+    room = memory.stream_window(step, total, 2 * unit)
+    assert few == pytest.approx(1.0 - 2 * room / 2e9)  # two stretches, each hiding one room's read
+    assert stream_idle_seconds(prof, total - 2 * unit, 2 * unit, 0.01, 2e9) == 0.0  # short stretches: none
+    assert stream_idle_seconds(prof, total // 3, total - total // 3, 0.05, 2e9) == 0.0  # most streams: none
+
+
 def test_cgroup_streaming_counts_what_generation_writes() -> None:
     """In a memory cgroup the plan predicts what the streaming engine does: room beside what loading writes (not
     llama.cpp's reserved-but-untouched logits for a whole ubatch), the rest streamed plus the read-ahead room."""

@@ -121,10 +121,11 @@ class Streamer:
         self._own: dict[Path, tuple[int, int]] = {}  # our mapping of each file (address, length)
         self._refresh = False
         self._speeds: list[float] = []  # per-token read speeds, for the plan's disk tier (see close)
+        self._waited = 0.0  # seconds the prefetch thread had nothing to read (its room full, or all read)
         self._llama: dict[Path, Mapping] = {}
         self.locked = False
         self._thread: threading.Thread | None = None
-        self._last: tuple[float, int] | None = None
+        self._last: tuple[float, int, float] | None = None
         self.stats = StreamStats(0, 0.0, False, self.sets.resident_bytes, self.sets.streamed_bytes)
 
     def _choose(self, stream_bytes: int) -> None:
@@ -218,8 +219,10 @@ class Streamer:
         seen: int | None = None
         while True:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._stop and self._pos == seen:
                     self._cond.wait()
+                self._waited += time.perf_counter() - t0
                 if self._stop:
                     return
                 before, seen = seen, self._pos
@@ -270,14 +273,17 @@ class Streamer:
         if (self._refresh or self.largest_batch != self._sized_batch
                 or time.monotonic() - self._sized_at > REMEASURE_S):
             self._apply_refresh()
-        now = (time.perf_counter(), _read_bytes())
+        now = (time.perf_counter(), _read_bytes(), self._waited)
         if self._last is not None:
             dt, nbytes = now[0] - self._last[0], now[1] - self._last[1]
             self.stats = StreamStats(nbytes, nbytes / dt if dt > 0 else 0.0, self.locked,
                                      self.sets.resident_bytes, self.sets.streamed_bytes)
+            # the disk's speed while it had reads to do: the token's time less the prefetch thread's waits (its room
+            # full while resident layers computed, or nothing left to read), which the plan models on its own
+            busy = dt - (now[2] - self._last[2])
+            if nbytes >= CALIBRATION_MIN_READ and busy > 0:
+                self._speeds.append(nbytes / busy)
         self._last = now
-        if self.stats.read_per_token >= CALIBRATION_MIN_READ:
-            self._speeds.append(self.stats.read_speed)
         if not self.locked:
             self._keep_hot()
 
