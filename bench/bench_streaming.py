@@ -166,7 +166,7 @@ def child_setup(cgroup: Path | None) -> Callable[[], None]:
 
 # sides beyond raw and corral: corral with one of its measured choices undone (the ablations in BENCHMARKS.md)
 ABLATIONS = {"corral-128k": {"CORRAL_STREAM_HUGEPAGE": "0"}, "corral-w64": {"CORRAL_STREAM_WINDOW_SHARE": "0"},
-             "corral-ra": {"CORRAL_STREAM_RANDOM": "0"}}
+             "corral-ra": {"CORRAL_STREAM_RANDOM": "0"}, "corral-whole": {"CORRAL_STREAM_SLICE": "0"}}
 
 
 def run_child(side: str, path: Path, tokens: int, threads: int, cgroup: Path | None) -> dict[str, Any]:

@@ -143,16 +143,17 @@ def network_stretches(p: Placement, hw: Hardware) -> list[tuple[rpc.RpcLink, boo
 
 
 def stream_idle_seconds(profile: ModelProfile, resident: int, streamed: int, resident_s: float, speed: float) -> float:
-    """Seconds a token the disk waits while the streaming engine runs: it spreads the streamed layers over the token,
-    and while the resident layers between two of them compute (`resident_s` in all) it reads ahead only as far as
-    its room (offload.memory.stream_window) holds. Measured on a 2.8 GiB BF16 model at file/limit 1.27: 0.207 s a
-    token where 0.29 GiB at the disk's 1.9 GB/s is 0.16 s and compute 0.10 s; as many stretches as streamed
-    layers, each hiding one room's read."""
-    unit = (resident + streamed) // max(1, profile.n_layer + 1)
+    """Seconds a token the disk waits while the streaming engine runs: it spreads the streamed slices over the token
+    (offload.memory.stream_slices), and while the resident layers between two of them compute (`resident_s` in all)
+    it reads ahead only as far as its room (offload.memory.stream_window) holds: as many stretches as slices, each
+    hiding one room's read. With whole layers streamed, measured on a 2.8 GiB BF16 model at file/limit 1.27: 0.207 s
+    a token where 0.29 GiB at the disk's 1.9 GB/s is 0.16 s and compute 0.10 s."""
+    units = profile.n_layer + 1
+    unit = (resident + streamed) // units
     if not unit or speed <= 0:
         return 0.0
-    stretches = max(1, min(round(streamed / unit), profile.n_layer + 1 - round(streamed / unit)))
     room = memory.stream_window(memory.largest_stream_step(profile.tensors) or unit, resident + streamed, streamed)
+    stretches = memory.stream_slices(streamed, units, room)
     return max(0.0, resident_s - stretches * room / speed)
 
 

@@ -107,10 +107,10 @@ def test_disk_streaming_is_loud() -> None:
     assert "streamed from disk" in p.headline
 
 
-def test_disk_waits_only_while_few_layers_stream() -> None:
-    """The streaming engine spreads streamed layers over the token and reads ahead of each stretch of resident
-    layers only as far as its room holds: with few layers streamed and long stretches the disk waits (the part of
-    the stretch its room does not cover); with many it never does."""
+def test_disk_waits_only_while_few_slices_stream() -> None:
+    """The streaming engine spreads streamed slices over the token and reads ahead of each stretch of resident
+    layers only as far as its room holds: with few slices and long stretches the disk waits (the part of the
+    stretch its room does not cover); with a slice in most layers it never does."""
     from corral.offload.catalog import require
     from corral.offload.profile import profile_from_shape
     from corral.offload.throughput import stream_idle_seconds
@@ -120,11 +120,17 @@ def test_disk_waits_only_while_few_layers_stream() -> None:
     unit = total // (prof.n_layer + 1)
     step = memory.largest_stream_step(prof.tensors)
     assert unit / 4 < step < unit / 2  # an FFN matrix: about a third of a layer
-    few = stream_idle_seconds(prof, total - 2 * unit, 2 * unit, 1.0, 2e9)
-    room = memory.stream_window(step, total, 2 * unit)
+    room = memory.stream_window(step, total, 2 * step)
+    assert room == step  # the room holds the step computing
+    two = 2 * room  # two slices as big as the room
+    assert memory.stream_slices(two, prof.n_layer + 1, room) == 2
+    few = stream_idle_seconds(prof, total - two, two, 1.0, 2e9)
     assert few == pytest.approx(1.0 - 2 * room / 2e9)  # two stretches, each hiding one room's read
-    assert stream_idle_seconds(prof, total - 2 * unit, 2 * unit, 0.01, 2e9) == 0.0  # short stretches: none
-    assert stream_idle_seconds(prof, total // 3, total - total // 3, 0.05, 2e9) == 0.0  # most streams: none
+    assert stream_idle_seconds(prof, total - two, two, 0.1, 2e9) == 0.0  # short stretches: none
+    # most of every layer streams: a slice of each, 33 stretches, each a room ahead
+    many = 20 * unit
+    assert memory.stream_slices(many, prof.n_layer + 1, memory.stream_window(step, total, many)) == prof.n_layer + 1
+    assert stream_idle_seconds(prof, total - many, many, 1.0, 2e9) == 0.0
 
 
 def test_cgroup_streaming_counts_what_generation_writes() -> None:

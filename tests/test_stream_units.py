@@ -6,6 +6,7 @@ from pathlib import Path
 
 from corral.app.runtime.stream_units import (
     PAGE,
+    PMD,
     SPLIT_MIN,
     Span,
     Unit,
@@ -152,3 +153,50 @@ def test_drop_range_keeps_an_edge_folio_for_a_layer_still_to_come() -> None:
     middle = next(u for u in tiny if u.index == 4)
     lo, hi = drop_range(middle.spans[0], 4, shared_folios(tiny, folio), lambda i: i == 5, folio)
     assert lo >= hi
+
+
+def test_slices_spread_what_streams_over_many_units() -> None:
+    """A small share streams as slices of at least `least` bytes (by default the read-ahead room) from every second
+    or third unit (not two whole units), each the unit's last part cut at a folio; a large share as a slice of every unit; both stream what was
+    asked for (never less, at most a folio more) and leave the rest resident."""
+    mib = 1 << 20
+    units = _units([116 * mib] * 16 + [500 * mib])
+    total = sum(u.nbytes for u in units)
+    for want, at_least in ((260 * mib, 8), (1600 * mib, 17)):
+        sets = choose(units, want - 32 * mib, 32 * mib, least=16 * mib)
+        assert want <= sets.streamed_bytes < want + PMD
+        assert sets.resident_bytes + sets.streamed_bytes == total
+        slices = {u.index for u in sets.streamed}
+        assert len(slices) == len(sets.streamed) >= at_least
+        assert all(s.nbytes >= 16 * mib for s in sets.streamed)
+        by_index = {u.index: u for u in units}
+        for s in sets.streamed:  # the unit's last part, from a folio boundary to its end
+            assert s.spans[-1].end == by_index[s.index].spans[-1].end and s.spans[0].start % PMD == 0
+        got = sorted(slices)
+        assert max(b - a for a, b in zip(got, got[1:])) <= 3  # no long resident stretch
+    whole = choose(units, 260 * mib - 32 * mib, 32 * mib, least=0)  # the ablation: whole units
+    assert len(whole.streamed) <= 3
+
+
+def test_slices_fall_back_to_whole_units_when_units_are_small() -> None:
+    units = _units([100] * 10 + [50])
+    assert choose(units, 380, 100, least=16 << 20).streamed_bytes >= 480
+    mib = 1 << 20
+    small = _units([29 * mib] * 24 + [250 * mib])  # layers about the room: slices of the room are whole layers
+    sets = choose(small, 185 * mib - 32 * mib, 32 * mib)
+    assert sum(1 for s in sets.streamed if s.nbytes < 28 * mib) <= 2
+
+
+def test_no_slice_outgrows_the_read_ahead_room_when_others_can_take_more() -> None:
+    """A unit far bigger than the rest (a Llama 3 output head is ~4 layers) would owe a slice its read-ahead room
+    cannot hold ahead: it streams at most the room, and the layers stream more instead; with much missing (slices
+    bigger than the room everywhere) every unit streams the same share."""
+    mib = 1 << 20
+    units = _units([116 * mib] * 16 + [500 * mib])
+    sets = choose(units, 268 * mib, 32 * mib, least=16 * mib)
+    head = [s for s in sets.streamed if s.index == 16]
+    assert head and head[0].nbytes <= 32 * mib + PMD and sets.streamed_bytes >= 300 * mib
+    assert len(sets.streamed) == 17  # a slice of every layer: 16.7 MiB each
+    big = choose(units, 1100 * mib, 32 * mib, least=16 * mib)
+    shares = {s.index: s.nbytes / by.nbytes for s in big.streamed for by in units if by.index == s.index}
+    assert max(shares.values()) - min(shares.values()) < 0.02

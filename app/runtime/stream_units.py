@@ -33,6 +33,8 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 SPLIT_MIN = 4 * 1024 * 1024  # streaming this much more than needed is worth splitting a unit for
 # the read-ahead room's cap, 1/share of what is missing (offload/memory.stream_window); 0: no cap (an ablation)
 WINDOW_SHARE = int(os.environ.get("CORRAL_STREAM_WINDOW_SHARE", str(STREAM_WINDOW_SHARE)))
+# CORRAL_STREAM_SLICE=0: whole units stream, spread over the token (see offload/memory.stream_slices)
+SLICE = os.environ.get("CORRAL_STREAM_SLICE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -156,13 +158,68 @@ def _joined(spans: Sequence[Span], gap: int = 0) -> tuple[Span, ...]:
     return tuple(out)
 
 
-def choose(units: Sequence[Unit], stream_bytes: int, window: int) -> StreamSets:
-    """Stream at least `stream_bytes` + `window` (the read-ahead needs room too), spread evenly over the
-    token so the disk is busy while resident layers compute. Whole units overshoot by up to a unit (the output
-    head of a Llama 3 is ~8 layers): the biggest streamed unit is then split, its first part resident, so what
-    streams is `stream_bytes` + `window` to within `SPLIT_MIN`."""
+def choose(units: Sequence[Unit], stream_bytes: int, window: int, least: int | None = None) -> StreamSets:
+    """Stream `stream_bytes` + `window` (the read-ahead needs room too, to within `SPLIT_MIN`), spread evenly over
+    the token so the disk is busy while resident layers compute: the last part (in the file) of as many units as
+    slices of at least `least` bytes allow (default the room, `window`; see `sliced`), or with `least` 0 whole
+    units."""
+    least = (window if SLICE else 0) if least is None else least
     total = sum(u.nbytes for u in units)
     want = min(total, stream_bytes + window)
+    if least and 0 < want < total:
+        sets = sliced(units, want, window, least)
+        if sets is not None:
+            return sets
+    return _whole(units, want, window)
+
+
+def sliced(units: Sequence[Unit], want: int, window: int, least: int) -> StreamSets | None:
+    """`want` bytes streamed as slices, each unit's last part (in the file) cut at a huge-page folio: going
+    through the units in graph order, a unit streams what the token owes so far (`want` spread evenly over its
+    bytes) once that is `least` or more (the last unit: whatever is owed), so a slice streams from every unit when
+    a unit's share is that big and from every second or third one when it is not. A cut rounds a slice to a
+    folio, and the next slice owes that much more or less. None when the units are too small to slice."""
+    shares = _shares([u.nbytes for u in units], want, max(least, window))
+    resident: list[Unit] = []
+    streamed: list[Unit] = []
+    done = 0
+    owes = 0.0
+    for i, u in enumerate(units):
+        owes += shares[i]
+        owed = int(owes + 0.5) - done
+        if owed < least and (i < len(units) - 1 or owed <= 0):
+            resident.append(u)
+            continue
+        last = i == len(units) - 1  # cut to the nearest folio; the last rounds up, so what streams is never short
+        kept, rest = split(u, max(0, u.nbytes - owed + (0 if last else PMD // 2)), align=PMD)
+        if kept.spans:
+            resident.append(kept)
+        if rest.spans:
+            streamed.append(rest)
+            done += rest.nbytes
+    if done < want:  # units smaller than the slices they owe
+        return None
+    return StreamSets(tuple(resident), tuple(streamed), window)
+
+
+def _shares(sizes: Sequence[int], want: int, cap: int) -> list[float]:
+    """What each unit owes of `want`: the same fraction of each, but at most `cap` bytes of any (a unit much bigger
+    than the rest, the output head, would otherwise owe a slice its read-ahead room cannot hold ahead), the
+    others owing more instead; uncapped when capped units cannot make up `want`."""
+    total = sum(sizes)
+    if cap <= 0 or sum(min(n, cap) for n in sizes) < want:
+        return [want * n / total for n in sizes]
+    lo, hi = want / total, 1.0
+    for _ in range(60):  # the fraction f with sum(min(f * n, cap)) = want
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(min(mid * n, cap) for n in sizes) < want else (lo, mid)
+    return [min(hi * n, cap) for n in sizes]
+
+
+def _whole(units: Sequence[Unit], want: int, window: int) -> StreamSets:
+    """Whole units streamed, spread over the token. Whole units overshoot by up to a unit (the output head of a
+    Llama 3 is ~8 layers): the biggest streamed unit is then split, its first part resident."""
+    total = sum(u.nbytes for u in units)
     frac = want / total if total else 0.0
     streamed: list[Unit] = []
     done = seen = 0
@@ -203,7 +260,7 @@ def rebalance(sets: StreamSets, stream_bytes: int, window: int) -> tuple[StreamS
     if want < have:
         new = choose(sets.streamed, stream_bytes, window)
         return StreamSets(merged((*sets.resident, *new.resident)), new.streamed, window), new.resident, ()
-    moved = choose(sets.resident, want - have, 0)
+    moved = choose(sets.resident, want - have, 0, window if SLICE else 0)
     return (StreamSets(moved.resident, merged((*sets.streamed, *moved.streamed)), window), (),
             moved.streamed)
 
@@ -216,8 +273,9 @@ def merged(units: Sequence[Unit]) -> tuple[Unit, ...]:
     return tuple(Unit(index, _joined(spans[index])) for index in sorted(spans))
 
 
-def split(unit: Unit, nbytes: int) -> tuple[Unit, Unit]:
-    """The unit's first ~`nbytes` (cut at a page boundary of the file) and the rest, both with its index."""
+def split(unit: Unit, nbytes: int, align: int = PAGE) -> tuple[Unit, Unit]:
+    """The unit's first ~`nbytes` (cut at a multiple of `align` in the file, or of a page where the span holds no
+    such multiple) and the rest, both with its index."""
     head: list[Span] = []
     tail: list[Span] = []
     left = nbytes
@@ -225,7 +283,9 @@ def split(unit: Unit, nbytes: int) -> tuple[Unit, Unit]:
         if left <= 0:
             tail.append(s)
             continue
-        cut = (s.start + left) // PAGE * PAGE
+        cut = (s.start + left) // align * align
+        if cut <= s.start:
+            cut = (s.start + left) // PAGE * PAGE
         if cut >= s.end:
             head.append(s)
             left -= s.end - s.start
@@ -316,5 +376,5 @@ def llama_mappings(files: Sequence[Path], maps: str | None = None) -> dict[Path,
 
 
 __all__ = ["BY_STEP", "PAGE", "PMD", "SPLIT_MIN", "STEPS", "Mapping", "Piece", "Span", "markers", "StreamSets", "Unit", "choose", "llama_mappings", "merged",
-           "pieces_of", "rebalance", "round_in", "round_out", "row_spans", "split", "step_spans", "units_of",
+           "pieces_of", "rebalance", "round_in", "round_out", "row_spans", "sliced", "split", "step_spans", "units_of",
            "window_for"]
