@@ -1,7 +1,8 @@
 """What a token reads from a GGUF, layer by layer, and which of it stays resident: the streaming engine's plan.
 
 A unit is one step of llama.cpp's graph (a layer, or the output head) with the byte spans of the file it reads;
-`choose` picks the units that stream, spread over the token so the disk stays busy while resident layers compute.
+`choose` picks what streams: a slice (the last part in the file) of as many units as room-sized slices allow, spread
+over the token so the disk stays busy while resident layers compute.
 """
 
 from __future__ import annotations
