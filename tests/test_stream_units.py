@@ -200,3 +200,23 @@ def test_no_slice_outgrows_the_read_ahead_room_when_others_can_take_more() -> No
     big = choose(units, 1100 * mib, 32 * mib, least=16 * mib)
     shares = {s.index: s.nbytes / by.nbytes for s in big.streamed for by in units if by.index == s.index}
     assert max(shares.values()) - min(shares.values()) < 0.02
+
+
+def test_rebalance_moves_slices_both_ways() -> None:
+    """Sliced sets follow the group both ways: less to stream turns slices (or their first parts) resident, more
+    streams more of the resident parts; every byte is in exactly one set, a unit's parts joined."""
+    from corral.app.runtime.stream_units import rebalance
+
+    mib = 1 << 20
+    units = _units([116 * mib] * 16 + [500 * mib])
+    total = sum(u.nbytes for u in units)
+    sets = choose(units, 600 * mib, 32 * mib)
+    for want in (300 * mib, 900 * mib):
+        new, grown, shrunk = rebalance(sets, want, 32 * mib)
+        assert (bool(grown), bool(shrunk)) == ((True, False) if want < 600 * mib else (False, True))
+        assert want + 32 * mib <= new.streamed_bytes < want + 32 * mib + SPLIT_MIN + PMD
+        assert new.resident_bytes + new.streamed_bytes == total
+        for part in (new.resident, new.streamed):
+            assert len({u.index for u in part}) == len(part)
+        covered = sorted((s.start, s.end) for u in (*new.resident, *new.streamed) for s in u.spans)
+        assert all(a[1] <= b[0] for a, b in zip(covered, covered[1:]))  # no byte in both sets
