@@ -152,33 +152,6 @@ def test_streaming_engine_gives_the_same_greedy_tokens(model: Path, lock_refused
     assert engine.streamer is None
 
 
-def test_sliced_streaming_gives_the_same_greedy_tokens(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slices smaller than a layer (this model's layers are ~2.5 MiB, so slices of at least 512 KiB): a layer's
-    first part stays resident, its last part streams, read ahead and dropped each token; the tokens do not change."""
-    from corral.app.runtime import stream_units
-
-    monkeypatch.setattr(streaming, "choose", lambda units, sb, window, least=None: stream_units.choose(
-        units, sb, window, least=512 * 1024))
-    settings = SamplingSettings(temperature=0.0, max_tokens=16)
-    plain = load_engine(model, plan=cpu_plan(n_ctx=256))
-    try:
-        want = list(plain.complete("The llama", settings) and plain.last_completion_tokens)
-    finally:
-        plain.close()
-    total = sum(u.nbytes for u in units_of(read_gguf(model).tensors, N_LAYERS))
-    engine = load_engine(model, plan=cpu_plan(n_ctx=256, disk_stream_bytes=total // 4))
-    try:
-        s = engine.streamer
-        assert s is not None
-        cut = {u.index for u in s.sets.streamed} & {u.index for u in s.sets.resident}
-        assert len(cut) >= 3  # layers split between the two sets
-        engine.complete("The llama", settings)
-        assert list(engine.last_completion_tokens) == want
-        assert s.positions >= 16 * (N_LAYERS + 1)
-    finally:
-        engine.close()
-
-
 THP = Path("/sys/kernel/mm/transparent_hugepage")
 
 
