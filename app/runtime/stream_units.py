@@ -185,13 +185,14 @@ def sliced(units: Sequence[Unit], want: int, window: int, least: int) -> StreamS
     streamed: list[Unit] = []
     done = 0
     owes = 0.0
-    for i, u in enumerate(units):
-        owes += shares[i]
+    for i, (u, share) in enumerate(zip(units, shares)):
+        last = i == len(units) - 1
+        owes += share
         owed = int(owes + 0.5) - done
-        if owed < least and (i < len(units) - 1 or owed <= 0):
+        if owed < least and (not last or owed <= 0):
             resident.append(u)
             continue
-        last = i == len(units) - 1  # cut to the nearest folio; the last rounds up, so what streams is never short
+        # cut at the nearest folio; the last unit's rounds up, so what streams is never short
         kept, rest = split(u, max(0, u.nbytes - owed + (0 if last else PMD // 2)), align=PMD)
         if kept.spans:
             resident.append(kept)
@@ -219,7 +220,7 @@ def _shares(sizes: Sequence[int], want: int, cap: int) -> list[float]:
 
 def _whole(units: Sequence[Unit], want: int, window: int) -> StreamSets:
     """Whole units streamed, spread over the token. Whole units overshoot by up to a unit (the output head of a
-    Llama 3 is ~8 layers): the biggest streamed unit is then split, its first part resident."""
+    Llama 3 weighs 2-9 layers): the biggest streamed unit is then split, its first part resident."""
     total = sum(u.nbytes for u in units)
     frac = want / total if total else 0.0
     streamed: list[Unit] = []
