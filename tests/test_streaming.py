@@ -17,6 +17,7 @@ from corral.app.runtime.streaming import Span, Streamer, Unit, llama_mappings, u
 from corral.convert.gguf_file import read_gguf
 from corral.offload.memory import stream_step
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
+from tests.helpers.stream import greedy_in_ram
 from tests.helpers.stream import units_of_sizes as _units
 
 N_LAYERS = 6
@@ -125,13 +126,7 @@ def test_streaming_engine_gives_the_same_greedy_tokens(model: Path, lock_refused
     if lock_refused:  # RLIMIT_MEMLOCK too small: the resident set is kept hot with advice instead
         monkeypatch.setattr(streaming, "_libc", _RefusingLibc(streaming._libc))
     settings = SamplingSettings(temperature=0.0, max_tokens=24)
-    plain = load_engine(model, plan=cpu_plan(n_ctx=256))
-    try:
-        assert plain.streamer is None
-        want = plain.complete("Once upon a time", settings).text
-        want_tokens = list(plain.last_completion_tokens)
-    finally:
-        plain.close()
+    want, want_tokens = greedy_in_ram(model, "Once upon a time", settings)
     total = sum(u.nbytes for u in units_of(read_gguf(model).tensors, N_LAYERS))
     engine = load_engine(model, plan=cpu_plan(n_ctx=256, disk_stream_bytes=total // 2))
     try:

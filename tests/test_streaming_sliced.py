@@ -13,6 +13,7 @@ from corral.app.runtime.engine import load_engine
 from corral.app.runtime.stream_units import units_of
 from corral.convert.gguf_file import read_gguf
 from tests.helpers.engine import cpu_plan, write_tiny_gguf
+from tests.helpers.stream import greedy_in_ram
 
 N_LAYERS = 6
 
@@ -29,12 +30,7 @@ def test_sliced_streaming_gives_the_same_greedy_tokens(model: Path, monkeypatch:
     monkeypatch.setattr(streaming, "choose", lambda units, sb, window, least=None: stream_units.choose(
         units, sb, window, least=512 * 1024))
     settings = SamplingSettings(temperature=0.0, max_tokens=16)
-    plain = load_engine(model, plan=cpu_plan(n_ctx=256))
-    try:
-        plain.complete("The llama", settings)
-        want = list(plain.last_completion_tokens)
-    finally:
-        plain.close()
+    _, want = greedy_in_ram(model, "The llama", settings)
     total = sum(u.nbytes for u in units_of(read_gguf(model).tensors, N_LAYERS))
     engine = load_engine(model, plan=cpu_plan(n_ctx=256, disk_stream_bytes=total // 4))
     try:
